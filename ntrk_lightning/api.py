@@ -1,0 +1,131 @@
+"""The functional entry point: ``ntrk_lightning.sample``. No Lightning needed."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ntrk_lightning.denoiser import CountingDenoiser, DiffusionModel, identity_decode
+from ntrk_lightning.noise import NoiseSource, sample_seeds
+from ntrk_lightning.samplers import NTRK, Sampler, SampleResult, SamplingContext
+
+
+def check_scheduler(scheduler: Any) -> None:
+    """Refuse schedulers the core cannot drive, before any model work."""
+    step = getattr(scheduler, "step", None)
+    if step is None or "variance_noise" not in inspect.signature(step).parameters:
+        raise TypeError(
+            f"{type(scheduler).__name__} cannot take the caller's noise; use diffusers.DDIMScheduler "
+            "(its step(..., eta, variance_noise=...) is the injection point NTRK needs)")
+    pred = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
+    if pred != "epsilon":
+        raise ValueError(
+            f"scheduler prediction_type is {pred!r}: the core works with epsilon predictions; convert "
+            "v/x0 outputs to eps in the denoiser adapter and configure prediction_type='epsilon'")
+
+
+def sample(
+    denoiser: Union[Callable[..., Tensor], DiffusionModel],
+    scheduler: Any,
+    reward: Optional[Callable[..., Tensor]],
+    sampler: Optional[Sampler] = None,
+    num_steps: int = 25,
+    shape: Optional[Sequence[int]] = None,
+    seed: Union[int, Sequence[int]] = 0,
+    *,
+    decode: Optional[Callable[[Tensor], Tensor]] = None,
+    cond: Any = None,
+    prompts: Optional[Sequence[str]] = None,
+    device: Union[str, torch.device, None] = None,
+    dtype: torch.dtype = torch.float32,
+) -> SampleResult:
+    """Draw a batch of samples from a pretrained diffusion model steered by a reward.
+
+    Args:
+        denoiser: ``eps = f(x_t, t)`` or ``f(x_t, t, cond)`` (``t``: 1-D long tensor of training
+            timesteps), or a :class:`DiffusionModel` (its ``decode``/``sample_shape`` are used).
+        scheduler: a configured diffusers ``DDIMScheduler`` (copied; yours is not modified).
+        reward: differentiable ``r = reward(images)`` (or ``reward(images, prompts)`` when
+            ``prompts`` is given) mapping decoded images in [0, 1] to a (B,) tensor.
+            May be ``None`` for the plain sampler.
+        sampler: a sampler spec, e.g. ``NTRK(gamma=1.0)`` (default) or ``Plain()``.
+        num_steps: reverse steps S.
+        shape: full batch shape (B, *sample_shape); B may be omitted for a DiffusionModel when
+            ``seed`` is a list.
+        seed: an int (sample i gets a seed derived from (seed, 0, i)) or one seed per sample, so a
+            sample does not depend on which batch it was drawn in.
+        decode: maps model space to images in [0, 1]; default ``(x + 1) / 2``.
+        cond: conditioning for the denoiser, batched along dim 0 (tensor or tuple/dict of them).
+        prompts: one string per sample, handed to the reward.
+        device, dtype: where and in which precision the state lives (default: the denoiser's
+            parameters' device if it is a module, else CPU).
+
+    Returns:
+        SampleResult with ``samples`` (model space), ``images``, ``rewards``, ``nfe`` and
+        ``grad_evals`` per sample, ``seconds`` and ``nan_fallbacks``.
+    """
+    sampler = NTRK() if sampler is None else sampler
+    if not isinstance(sampler, Sampler):
+        raise TypeError(f"sampler must be a Sampler spec (e.g. NTRK(...)), got {type(sampler).__name__}")
+    sampler.validate()
+    if isinstance(denoiser, DiffusionModel):
+        decode = decode or denoiser.decode
+        sample_shape = tuple(denoiser.sample_shape)
+        eps_fn = denoiser.denoiser
+    else:
+        sample_shape = ()
+        eps_fn = denoiser
+    decode = decode or identity_decode
+    if int(num_steps) < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if isinstance(seed, int):
+        if shape is None:
+            raise ValueError("give shape=(B, ...) or one seed per sample")
+        seeds = sample_seeds(seed, int(shape[0]))
+    else:
+        seeds = [int(s) for s in seed]
+    if shape is None:
+        if not sample_shape:
+            raise ValueError("shape is required for a plain denoiser callable")
+        shape = (len(seeds), *sample_shape)
+    shape = tuple(int(s) for s in shape)
+    if shape[0] != len(seeds):
+        raise ValueError(f"shape has batch {shape[0]} but {len(seeds)} seeds were given")
+    if shape[0] < 1:
+        raise ValueError("batch must hold at least one sample")
+    if sampler.needs_reward and reward is None:
+        raise ValueError(f"sampler {sampler.name!r} needs a reward function")
+    if prompts is not None and len(prompts) != shape[0]:
+        raise ValueError(f"{len(prompts)} prompts for a batch of {shape[0]}")
+    check_scheduler(scheduler)
+    if device is None:
+        params = getattr(eps_fn, "parameters", None)
+        first = next(params(), None) if callable(params) else None
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+
+    counting = CountingDenoiser(eps_fn)
+    k = sampler.rows_per_sample()
+    noise = NoiseSource(seeds, shape[1:], device, dtype)
+    ctx = SamplingContext(counting, copy.deepcopy(scheduler), reward, decode, num_steps,
+                          noise if k == 1 else noise.spawn(k), cond=cond, prompts=prompts,
+                          eta=getattr(sampler, "eta", 1.0), batch_size=shape[0])
+    start = time.perf_counter()
+    x_T = ctx.noise.randn() * float(getattr(ctx.scheduler, "init_noise_sigma", 1.0))
+    x0 = sampler.run(ctx, x_T)
+    rows = torch.arange(shape[0])
+    images, rewards = ctx.final(x0, rows)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return SampleResult(
+        samples=x0.detach(), images=images.detach(), rewards=rewards.detach(),
+        nfe=counting.forward_rows / shape[0], grad_evals=counting.backward_rows / shape[0],
+        seconds=seconds, nan_fallbacks=ctx.nan_fallbacks, sampler=sampler.name,
+        extras=ctx.extras,
+    )
