@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from ntrk_lightning.samplers.base import Sampler, SampleResult, SamplingContext
+from ntrk_lightning.samplers.best_of_n import BestOfN
+from ntrk_lightning.samplers.dps import DPS
 from ntrk_lightning.samplers.ntrk import NTRK
 from ntrk_lightning.samplers.plain import Plain
+from ntrk_lightning.samplers.smc import SMC
+from ntrk_lightning.samplers.svdd import SVDD
 
-REGISTRY: dict[str, type[Sampler]] = {cls.name: cls for cls in (Plain, NTRK)}
+REGISTRY: dict[str, type[Sampler]] = {cls.name: cls for cls in (Plain, NTRK, DPS, BestOfN, SVDD, SMC)}
 
 
 def register(cls: type[Sampler]) -> type[Sampler]:
@@ -29,4 +33,5 @@ def make_sampler(name: str, **kwargs: Any) -> Sampler:
     return sampler
 
 
-__all__ = ["Sampler", "SampleResult", "SamplingContext", "NTRK", "Plain", "REGISTRY", "register", "make_sampler"]
+__all__ = ["Sampler", "SampleResult", "SamplingContext", "NTRK", "Plain", "DPS", "BestOfN", "SVDD", "SMC",
+           "REGISTRY", "register", "make_sampler"]
