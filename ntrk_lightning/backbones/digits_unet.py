@@ -1,0 +1,193 @@
+"""The shipped pixel-space digits diffusion model (``digits16``) as a :class:`DiffusionModel`.
+
+A small diffusers ``UNet2DModel`` trained as an epsilon-prediction DDPM (1000 steps) on
+scikit-learn's digits upsampled to 16x16, one channel, pixels in [-1, 1]. Weights (EMA, float16
+on disk) ship in ``ntrk_lightning/weights``; everything here works offline::
+
+    from ntrk_lightning.backbones.digits_unet import load_digits_unet, make_scheduler
+    model = load_digits_unet()              # DiffusionModel(sample_shape=(1, 16, 16))
+    scheduler = make_scheduler()            # DDIMScheduler from the training DDPM config
+    eps = model.denoiser(x_t, t)            # t: scalar or (B,) long tensor of training timesteps
+
+Also here: :class:`DigitFeatures`, the 64-d feature extractor (penultimate layer of the shipped
+reward ConvClassifier) used as the "Inception" of FID for digits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ntrk_lightning.denoiser import DiffusionModel, identity_decode
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: name -> (weights file, config file) inside the weights folder
+SHIPPED_MODELS: dict[str, tuple[str, str]] = {
+    "digits16": ("digits_unet.safetensors", "digits_unet_config.json"),
+}
+
+_RETRAIN_HINT = ("Retrain with `ntrk fit -c configs/digits_unet_fit.yaml` (exports to "
+                 "ntrk_lightning/weights/), or reinstall the package, which ships the file.")
+
+
+def weights_dir() -> Path:
+    """``ntrk_lightning/weights``, where the shipped models live."""
+    return Path(__file__).resolve().parent.parent / "weights"
+
+
+def _files(name: str, root: Optional[PathLike]) -> tuple[Path, Path]:
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"unknown digits model {name!r}; available: {sorted(SHIPPED_MODELS)}")
+    w, c = SHIPPED_MODELS[name]
+    base = Path(root) if root is not None else weights_dir()
+    return base / w, base / c
+
+
+def load_config(name: str = "digits16", root: Optional[PathLike] = None) -> dict[str, Any]:
+    """The JSON written next to the weights: ``{"unet": UNet2DModel config, "scheduler": DDPM
+    config, "resolution": 16, ...}``."""
+    _, cfg_path = _files(name, root)
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"digits UNet config not found: {cfg_path}. {_RETRAIN_HINT}")
+    return json.loads(cfg_path.read_text())
+
+
+def make_scheduler(name: str = "digits16", root: Optional[PathLike] = None, **overrides: Any):
+    """A fresh ``DDIMScheduler`` built from the training DDPM config of ``name``.
+
+    Defaults: ``prediction_type="epsilon"``, ``clip_sample=True`` (pixels live in [-1, 1]),
+    ``timestep_spacing="trailing"`` (the first step starts at t=999, pure noise),
+    ``set_alpha_to_one=True``. Keyword arguments override any field. Call
+    ``set_timesteps(num_steps)`` (the samplers do) before stepping.
+    """
+    from diffusers import DDIMScheduler
+
+    ddpm = dict(load_config(name, root)["scheduler"])
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    cfg = {k: ddpm[k] for k in keep if k in ddpm}
+    cfg.update(prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0,
+               timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=0)
+    cfg.update(overrides)
+    return DDIMScheduler(**cfg)
+
+
+def load_unet(name: str = "digits16", device: Union[str, torch.device] = "cpu",
+              root: Optional[PathLike] = None, dtype: torch.dtype = torch.float32):
+    """The raw diffusers ``UNet2DModel`` (eval mode, parameters frozen, ``dtype``)."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    w_path, _ = _files(name, root)
+    cfg = load_config(name, root)
+    if not w_path.is_file():
+        raise FileNotFoundError(f"digits UNet weights not found: {w_path}. {_RETRAIN_HINT}")
+    unet = UNet2DModel.from_config(cfg["unet"])
+    state = {k: v.to(torch.float32) for k, v in load_file(str(w_path)).items()}
+    unet.load_state_dict(state)
+    unet.to(device=device, dtype=dtype).eval()
+    unet.requires_grad_(False)
+    return unet
+
+
+class UNetEps(nn.Module):
+    """``eps = f(x_t, t)`` around a ``UNet2DModel``; ``t`` may be a Python/0-d scalar or a 1-D
+    tensor with one timestep per row (length 1 is broadcast)."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: Tensor, t: Union[Tensor, int, float]) -> Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        elif t.ndim == 1 and t.shape[0] == 1 and x.shape[0] != 1:
+            t = t.expand(x.shape[0])
+        elif t.ndim != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"timesteps of shape {tuple(t.shape)} do not match a batch of {x.shape[0]}")
+        return self.unet(x, t).sample
+
+
+def load_digits_unet(name: str = "digits16", device: Union[str, torch.device] = "cpu",
+                     root: Optional[PathLike] = None) -> DiffusionModel:
+    """The shipped digits diffusion model as a :class:`DiffusionModel` (offline).
+
+    ``denoiser(x, t)`` returns the epsilon prediction for ``x`` of shape (B, 1, 16, 16) in the
+    model's [-1, 1] pixel space; ``decode`` maps to [0, 1]. Raises ``FileNotFoundError`` naming the
+    file if the weights or config are missing.
+    """
+    unet = load_unet(name, device=device, root=root)
+    cfg = load_config(name, root)
+    res = int(cfg.get("resolution", cfg["unet"]["sample_size"]))
+    ch = int(cfg["unet"].get("in_channels", 1))
+    w_path, c_path = _files(name, root)
+    meta = {
+        "resolution": res,
+        "num_train_timesteps": int(cfg["scheduler"].get("num_train_timesteps", 1000)),
+        "scheduler_config": cfg["scheduler"],
+        "weights": str(w_path),
+        "config": str(c_path),
+        "num_parameters": sum(p.numel() for p in unet.parameters()),
+        "pixel_range": (-1.0, 1.0),
+        "card": cfg.get("card"),
+    }
+    return DiffusionModel(denoiser=UNetEps(unet), decode=identity_decode, sample_shape=(ch, res, res),
+                          name=name, meta=meta)
+
+
+class DigitFeatures(nn.Module):
+    """64-d digit features for FID: the penultimate layer of the reward ConvClassifier.
+
+    Use as ``torchmetrics.image.fid.FrechetInceptionDistance(feature=DigitFeatures())``. With a
+    custom feature module torchmetrics hands the images through unchanged whatever its
+    ``normalize`` flag says, so this module accepts both conventions:
+
+    * ``uint8`` images in [0, 255] (torchmetrics' default ``normalize=False`` convention),
+    * floating images in [0, 1] (the convention of every reward here; use ``normalize=True`` to
+      document it, it changes nothing for a custom module).
+
+    Three-channel input is averaged to one channel, and other sizes are resized bilinearly to the
+    classifier's resolution. The module stays in eval mode and never needs gradients.
+    """
+
+    num_features = 64
+
+    def __init__(self, classifier: Optional[nn.Module] = None, resolution: int = 16) -> None:
+        super().__init__()
+        if classifier is None:
+            from rewards.digits import load_shipped_classifier
+
+            classifier = load_shipped_classifier("reward")
+        if not hasattr(classifier, "features"):
+            raise TypeError("DigitFeatures needs a classifier with a .features() method (ConvClassifier)")
+        self.classifier = classifier
+        self.resolution = int(resolution)
+        self.classifier.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "DigitFeatures":  # always eval: fixed feature space
+        return super().train(False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
+        p = next(self.classifier.parameters())
+        images = images.to(device=p.device, dtype=p.dtype)
+        if images.ndim == 3:
+            images = images.unsqueeze(1)
+        if images.shape[1] == 3:
+            images = images.mean(dim=1, keepdim=True)
+        if images.shape[1] != 1:
+            raise ValueError(f"expected 1 or 3 channels, got shape {tuple(images.shape)}")
+        if images.shape[-2:] != (self.resolution, self.resolution):
+            images = F.interpolate(images, size=(self.resolution, self.resolution), mode="bilinear",
+                                   align_corners=False, antialias=True)
+        return self.classifier.features(images)

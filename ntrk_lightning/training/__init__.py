@@ -1,0 +1,7 @@
+"""Training the shipped digits models with Lightning (``ntrk fit -c configs/digits_*_fit.yaml``)."""
+
+from ntrk_lightning.training.classifier import DigitClassifierModule
+from ntrk_lightning.training.data import DigitsDataModule
+from ntrk_lightning.training.diffusion import DigitsDiffusionModule
+
+__all__ = ["DigitClassifierModule", "DigitsDataModule", "DigitsDiffusionModule"]
