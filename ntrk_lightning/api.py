@@ -127,5 +127,6 @@ def sample(
         samples=x0.detach(), images=images.detach(), rewards=rewards.detach(),
         nfe=counting.forward_rows / shape[0], grad_evals=counting.backward_rows / shape[0],
         seconds=seconds, nan_fallbacks=ctx.nan_fallbacks, sampler=sampler.name,
+        nan_fallbacks_per_sample=ctx.nan_per_sample.clone(),
         extras=ctx.extras,
     )

@@ -115,6 +115,7 @@ def test_nan_gradient_falls_back_to_plain_noise_and_is_counted(gmm_testbed, gmm_
     plain = sample(model, sch, None, Plain(), 10, (4, *SHAPE), seed=7)
     res = sample(model, sch, reward, NTRK(gamma=0.5, whitening="identity"), 10, (4, *SHAPE), seed=7)
     assert res.nan_fallbacks == 9  # one sample x the 9 steps that have noise
+    assert res.nan_fallbacks_per_sample.tolist() == [9, 0, 0, 0]
     assert torch.allclose(res.samples[0], plain.samples[0], atol=1e-6)
     assert not torch.allclose(res.samples[1:], plain.samples[1:], atol=1e-3)
     assert torch.isfinite(res.samples).all()

@@ -22,8 +22,10 @@ class SampleResult:
     """Output of one sampler call over a batch of B requested samples.
 
     ``nfe`` and ``grad_evals`` are per returned sample: denoiser rows evaluated (forward) and reward
-    gradients taken (backward), divided by B. ``nan_fallbacks`` counts (sample, step) pairs whose
-    reward gradient was not finite and that fell back to the unguided step."""
+    gradients taken (backward), divided by B. ``nan_fallbacks`` counts (row, step) pairs whose
+    reward gradient was not finite and that fell back to the unguided step;
+    ``nan_fallbacks_per_sample`` splits that count over the B returned samples (rows of particles
+    or candidates count towards the sample they belong to)."""
 
     samples: Tensor
     images: Tensor
@@ -33,6 +35,7 @@ class SampleResult:
     seconds: float
     nan_fallbacks: int = 0
     sampler: str = ""
+    nan_fallbacks_per_sample: Optional[Tensor] = None
     extras: dict = field(default_factory=dict)
 
 
@@ -65,10 +68,19 @@ class SamplingContext:
         self.prompts = list(prompts) if prompts is not None else None
         self.batch_size = len(noise) if batch_size is None else int(batch_size)  # requested samples
         self.nan_fallbacks = 0
+        self.nan_per_sample = torch.zeros(self.batch_size, dtype=torch.long)
         self.extras: dict = {}  # sampler-specific statistics for the result record
         scheduler.set_timesteps(self.num_steps)
         self.timesteps: list[int] = [int(t) for t in scheduler.timesteps]
         self._std = [self._probe_std(t) for t in self.timesteps]
+
+    def count_fallbacks(self, bad: Tensor) -> None:
+        """Record rows (a bool mask over the working rows) whose gradient was unusable this step.
+        Working row ``i`` belongs to sample ``i // (rows / batch_size)``."""
+        bad = bad.detach().to("cpu", torch.bool)
+        per = max(1, bad.shape[0] // self.batch_size)
+        self.nan_fallbacks += int(bad.sum())
+        self.nan_per_sample.index_add_(0, torch.arange(bad.shape[0]) // per, bad.long())
 
     # ---- scheduler facts -------------------------------------------------------------------
     def _probe_std(self, t: int) -> float:

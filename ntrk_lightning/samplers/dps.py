@@ -87,7 +87,7 @@ class DPS(Sampler):
             x_next = ctx.step(eps, i, x, ctx.noise.randn())
             if active:
                 d, bad = self.shift(g, s, sigma)
-                ctx.nan_fallbacks += int(bad.sum())
+                ctx.count_fallbacks(bad)
                 x_next = x_next + d.to(x_next.dtype)
             x = x_next
         return x

@@ -112,7 +112,7 @@ class NTRK(Sampler):
             eps_noise = ctx.noise.randn()
             if active:
                 z, bad = self.tilted_noise(eps_noise, g, s)
-                ctx.nan_fallbacks += int(bad.sum())
+                ctx.count_fallbacks(bad)
             else:
                 z = eps_noise
             x = ctx.step(eps, i, x, z)

@@ -172,7 +172,7 @@ class SMC(Sampler):
             x_next = ctx.step(eps, i, x, z)
             if g is not None:
                 bad = ~torch.isfinite(g.flatten(1)).all(1)
-                ctx.nan_fallbacks += int(bad.sum())
+                ctx.count_fallbacks(bad)
                 coef = self.guidance * lam_i * sigma * sigma
                 shift = torch.where(bad.view(-1, *([1] * (g.dim() - 1))), torch.zeros_like(g), coef * g)
                 x_next = x_next + shift.to(x_next.dtype)
