@@ -45,7 +45,7 @@ class DigitsDiffusionModule(pl.LightningModule):
         self,
         resolution: int = 16,
         in_channels: int = 1,
-        block_out_channels: Sequence[int] = (32, 64, 64),
+        block_out_channels: Sequence[int] = (16, 32, 64),
         layers_per_block: int = 1,
         down_block_types: Sequence[str] = ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
         up_block_types: Sequence[str] = ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
