@@ -264,3 +264,62 @@ def load_shipped_classifier(kind: ShippedKind = "reward", device: "str | torch.d
     fname, arch = SHIPPED_CLASSIFIERS[kind]
     root = Path(weights_dir) if weights_dir is not None else shipped_weights_dir()
     return load_classifier_file(root / fname, arch=arch, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# Config-friendly rewards on the shipped classifiers (used by configs/digits_*.yaml)
+# --------------------------------------------------------------------------------------------
+
+from rewards.base import Reward  # noqa: E402  (kept next to its only users)
+
+DigitScore = Literal["logit", "log_prob", "hit"]
+
+
+class DigitClassifierReward(Reward):
+    """A shipped 16x16 digit classifier scoring one ``target`` class.
+
+    Args:
+        target: the digit (0-9) the reward asks for.
+        classifier: ``"reward"`` (the conv net guidance uses) or ``"judge"`` (the held-out MLP,
+            for evaluation only).
+        score: ``"logit"`` (unbounded, the default reward: it plays the role an aesthetic score
+            plays for images), ``"log_prob"`` (log-softmax of the target, bounded above by 0) or
+            ``"hit"`` (1.0 when the classifier's top class is the target: its mean over a set is
+            the classifier's target accuracy; not differentiable).
+        weights_dir: folder holding ``digits_{classifier,judge}.safetensors`` (default: the
+            shipped ``ntrk_lightning/weights``).
+    """
+
+    def __init__(self, target: int = 3, classifier: ShippedKind = "reward", score: DigitScore = "logit",
+                 weights_dir: Optional[str] = None) -> None:
+        super().__init__()
+        if not 0 <= int(target) < NUM_CLASSES:
+            raise ValueError(f"target class must be in 0..9, got {target}")
+        if classifier not in SHIPPED_CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {sorted(SHIPPED_CLASSIFIERS)}, got {classifier!r}")
+        if score not in ("logit", "log_prob", "hit"):
+            raise ValueError(f"score must be 'logit', 'log_prob' or 'hit', got {score!r}")
+        root = Path(weights_dir) if weights_dir is not None else shipped_weights_dir()
+        path = root / SHIPPED_CLASSIFIERS[classifier][0]
+        if not path.is_file():  # refuse early, before any model work
+            load_classifier_file(path)
+        self.target, self.classifier_kind, self.score_kind = int(target), classifier, score
+        self.weights_dir = str(root)
+        self.name = f"digit{self.target}_{classifier}_{score}"
+        self.differentiable = score != "hit"
+        self.net: Optional[nn.Module] = None
+
+    def _load(self) -> None:
+        self.net = load_shipped_classifier(self.classifier_kind, weights_dir=self.weights_dir)
+
+    def score(self, images: Tensor, prompts: Optional[list[str]] = None) -> Tensor:
+        logits = self.net(images)
+        if self.score_kind == "logit":
+            return logits[:, self.target]
+        if self.score_kind == "log_prob":
+            return logits.log_softmax(-1)[:, self.target]
+        return (logits.argmax(-1) == self.target).to(images.dtype)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "target": self.target, "classifier": self.classifier_kind,
+                "score": self.score_kind}

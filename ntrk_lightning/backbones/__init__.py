@@ -1,0 +1,10 @@
+"""Backbones: adapters that give the sampling core its denoiser interface.
+
+Heavy modules (diffusers, Stable Diffusion) are imported lazily by the classes that need them.
+"""
+
+from ntrk_lightning.backbones.base import Backbone
+from ntrk_lightning.backbones.digits_unet import DigitsUNetBackbone
+from ntrk_lightning.backbones.gmm import DigitsGMMBackbone
+
+__all__ = ["Backbone", "DigitsUNetBackbone", "DigitsGMMBackbone"]

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ntrk_lightning.backbones.base import Backbone
 from ntrk_lightning.denoiser import DiffusionModel, identity_decode
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -191,3 +192,45 @@ class DigitFeatures(nn.Module):
             images = F.interpolate(images, size=(self.resolution, self.resolution), mode="bilinear",
                                    align_corners=False, antialias=True)
         return self.classifier.features(images)
+
+
+class DigitsUNetBackbone(Backbone):
+    """The shipped pixel-space digits model as a Lightning-shell backbone (unconditional).
+
+    Args:
+        model_name: a shipped model name (``"digits16"``).
+        weights_dir: folder with ``<weights>.safetensors`` and its config JSON (default: the
+            package's ``ntrk_lightning/weights``).
+    """
+
+    conditional = False
+
+    def __init__(self, model_name: str = "digits16", weights_dir: Optional[str] = None) -> None:
+        super().__init__()
+        w_path, c_path = _files(model_name, weights_dir)  # unknown name: ValueError now
+        for p in (w_path, c_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"digits model file not found: {p}. {_RETRAIN_HINT}")
+        self.name = model_name
+        self.weights_dir = weights_dir
+        self.eps_net: Optional[UNetEps] = None
+        self._shape: tuple[int, ...] = ()
+
+    def _load(self) -> None:
+        unet = load_unet(self.name, root=self.weights_dir)
+        self.eps_net = UNetEps(unet)
+        cfg = load_config(self.name, self.weights_dir)
+        res = int(cfg.get("resolution", cfg["unet"]["sample_size"]))
+        self._shape = (int(cfg["unet"].get("in_channels", 1)), res, res)
+
+    def model(self) -> DiffusionModel:
+        if self.eps_net is None:
+            raise RuntimeError("call load() first")
+        return DiffusionModel(denoiser=self.eps_net, decode=identity_decode, sample_shape=self._shape,
+                              name=self.name)
+
+    def make_scheduler(self) -> Any:
+        return make_scheduler(self.name, self.weights_dir)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "digits-unet", "weights_dir": str(self.weights_dir or weights_dir())}

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ntrk_lightning.data.digits import NUM_CLASSES, digits
+from ntrk_lightning.backbones.base import Backbone
 from ntrk_lightning.denoiser import DiffusionModel, identity_decode
 
 SIDE = 8
@@ -164,3 +165,38 @@ def load_digits_gmm(components_per_class: int = 3, reg_covar: float = 1e-2, seed
                            name="digits-gmm", meta={"components_per_class": components_per_class,
                                                     "reg_covar": reg_covar, "seed": seed})
     return model, gmm, scheduler
+
+
+class DigitsGMMBackbone(Backbone):
+    """The analytic 8x8 digits mixture as a Lightning-shell backbone (unconditional, exact score).
+
+    Rewards see 8x8 images; the shipped 16x16 classifiers therefore do not apply to it (use
+    ``rewards.digits.ClassLogitReward`` with an 8x8 classifier, as the tests and benchmarks do).
+    """
+
+    conditional = False
+
+    def __init__(self, components_per_class: int = 3, reg_covar: float = 1e-2, seed: int = 0) -> None:
+        super().__init__()
+        if int(components_per_class) < 1:
+            raise ValueError(f"components_per_class must be >= 1, got {components_per_class}")
+        self.name = "digits-gmm"
+        self.components_per_class, self.reg_covar, self.seed = int(components_per_class), float(reg_covar), int(seed)
+        self.gmm: DigitsGMM | None = None
+
+    def _load(self) -> None:
+        self.gmm = DigitsGMM(fit_digits_gmm(self.components_per_class, self.reg_covar, self.seed),
+                             make_scheduler().alphas_cumprod)
+
+    def model(self) -> DiffusionModel:
+        if self.gmm is None:
+            raise RuntimeError("call load() first")
+        return DiffusionModel(denoiser=self.gmm.eps, decode=identity_decode, sample_shape=(1, SIDE, SIDE),
+                              name=self.name)
+
+    def make_scheduler(self):
+        return make_scheduler()
+
+    def describe(self) -> dict:
+        return {"name": self.name, "components_per_class": self.components_per_class,
+                "reg_covar": self.reg_covar, "seed": self.seed}
