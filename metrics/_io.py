@@ -1,0 +1,86 @@
+"""Small file helpers shared by the metrics package: atomic writes and the cache folder.
+
+Every file the package writes goes to a unique temporary name in the target folder and is then
+renamed into place, so concurrent writers (several ranks filling the same cache) and killed runs
+never leave a half-written file for a reader to trip over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` for a temporary file next to ``path``, then rename it to ``path``.
+
+    The temporary name is unique per call, so two processes writing the same file at once each
+    produce a complete file and the last rename wins.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give what open() would
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    def _w(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return atomic_write(path, _w)
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> Path:
+    """JSON with ``NaN``/``inf`` turned into ``null`` (strict JSON readers reject NaN)."""
+    return atomic_write_text(path, json.dumps(json_safe(obj), indent=2) + "\n")
+
+
+def json_safe(obj: Any) -> Any:
+    """A copy of ``obj`` that strict JSON can hold: non-finite floats become ``None``, tensors and
+    numpy scalars become Python numbers, dict keys become strings."""
+    import math
+
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # tensors, numpy
+        return json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def cache_dir(override: Optional[PathLike] = None) -> Path:
+    """Where derived artefacts (reference statistics) are cached: ``override``, else
+    ``$NTRK_CACHE``, else ``~/.cache/ntrk_lightning`` (the same folder the rest of the project uses)."""
+    if override is not None:
+        return Path(override)
+    root = os.environ.get("NTRK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ntrk_lightning")
+    return Path(root)
