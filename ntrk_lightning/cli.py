@@ -1,63 +1,71 @@
-"""The ``ntrk`` command: a LightningCLI driven by YAML in ``configs/``.
+"""The ``ntrk`` command.
 
-    ntrk fit -c configs/digits_unet_fit.yaml
-    ntrk fit -c configs/digits_classifier_fit.yaml --trainer.max_epochs 10
+    ntrk predict  -c configs/digits_ntrk.yaml --output_dir outputs/digits_ntrk   generate + metrics + report
+    ntrk fit      -c configs/digits_unet_fit.yaml                                 train the shipped digits models
+    ntrk evaluate --images DIR [--reference DIR] ...                              metrics of any image folder
+    ntrk report   RUN_DIR [RUN_DIR ...] --out DIR                                 compare runs side by side
 
-Models and data modules are given by ``class_path`` (``subclass_mode_model=True``,
-``subclass_mode_data=True``), so any importable LightningModule / LightningDataModule works.
-
-Extension points for later subcommands (``predict``, ``evaluate``, ``report``):
-
-* add the name to :meth:`NTRKCLI.subcommands` (and, for a custom one, a method of that name on a
-  ``Trainer`` subclass passed as ``trainer_class``);
-* add top-level options such as ``--output_dir`` in :meth:`NTRKCLI.add_arguments_to_parser` and
-  link them to model/data/trainer arguments there.
-
-``SaveConfigCallback`` runs with ``overwrite=True``: a rerun (or a requeued job) in the same
-folder rewrites ``config.yaml`` instead of refusing to start.
+``predict`` and ``fit`` are a LightningCLI (YAML configs in ``configs/``, ``class_path`` models and
+data modules, every ``--trainer.*`` flag); ``evaluate`` is a LightningCLI of its own (images in,
+metrics out, DDP like predict); ``report`` only reads files and needs no Lightning.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, Optional
 
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+USAGE = """usage: ntrk {predict,fit,evaluate,report} ...
+
+  predict   generate samples with a sampler (NTRK or a baseline), write images, records, metrics, report
+  fit       train a model from a config (the shipped digits diffusion model and classifiers)
+  evaluate  compute metrics (rewards, FID, CLIP score, diversity) of a folder of images
+  report    one Markdown/JSON report comparing run folders, with plots and image grids
+
+Run `ntrk SUBCOMMAND --help` for the options of each.
+"""
 
 
-class NTRKCLI(LightningCLI):
-    """LightningCLI with the project's subcommands and defaults."""
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        """Subcommand name -> Trainer-method arguments that are skipped in the parser."""
-        return {
-            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
-        }
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Hook for project-wide options (e.g. a future ``--output_dir``)."""
-
-
-def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any) -> NTRKCLI:
-    """Construct the CLI (exposed for tests: ``build_cli(["fit", "-c", path])``)."""
-    kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-    kwargs.setdefault("parser_kwargs", {"description": "ntrk-lightning: NTRK reward alignment, training and evaluation"})
-    return NTRKCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        run=run,
-        **kwargs,
-    )
-
-
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> Any:
     """Console entry point ``ntrk``."""
-    build_cli()
+    args = list(sys.argv[1:] if argv is None else argv)
+    # Nothing must reach for a model hub at run time: weights come from local files only.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    cmd, rest = args[0], args[1:]
+    if cmd == "report":
+        from ntrk_lightning.report import main as report_main
+
+        return report_main(rest)
+    if cmd == "evaluate":
+        from ntrk_lightning.evaluation import main as evaluate_main
+
+        return evaluate_main(rest)
+    if cmd in ("predict", "fit"):
+        from ntrk_lightning.pipeline.cli import build_cli
+
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        try:
+            # From the shell, LightningCLI reads sys.argv itself (and warns when given both).
+            build_cli(None if argv is None else args)
+        except SIGTERMException:
+            print("ntrk: stopped by SIGTERM; finished samples are saved, rerun the same command to "
+                  "complete the run", file=sys.stderr)
+            return 143
+        return 0
+    print(f"ntrk: unknown subcommand {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
 
 
-if __name__ == "__main__":  # python -m ntrk_lightning.cli fit -c ...
-    main()
+def entry() -> None:
+    """``console_scripts`` wrapper: exit with main's status."""
+    code = main()
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":  # python -m ntrk_lightning.cli ...
+    entry()

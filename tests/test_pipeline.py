@@ -1,0 +1,145 @@
+"""`ntrk predict` on one process: outputs, determinism, resumption after a kill, clear errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ntrk_lightning.noise import derive_seed
+from pipeline_utils import (REPO, assert_metrics_close, cli_env, expected_keys, images_by_key, metrics,
+                            predict_args, records, run_cli, run_in_process, wait_for)
+
+N = 10  # samples per arm in the small main job (pipeline_utils.SMALL)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small") / "run"
+    run_in_process(predict_args(out))
+    return out
+
+
+def test_main_job_writes_images_records_metrics_and_report(small_run):
+    out = small_run
+    recs = records(out)
+    assert {r["key"] for r in recs} == expected_keys(["ntrk", "plain"], N) and len(recs) == 2 * N
+    for r in recs:
+        assert r["seed"] == derive_seed(0, r["prompt_index"], r["sample_index"])
+        img = Image.open(out / r["image"])
+        assert img.size == (16, 16) and img.mode == "L"
+        assert set(r["rewards"]) == {"reward", "judge_logit", "judge_accuracy"}
+        assert r["nfe"] == 10 and r["num_steps"] == 10 and r["nan_fallbacks"] == 0
+        assert r["grad_evals"] == (9 if r["arm"] == "ntrk" else 0)
+        assert r["sampler"]["name"] == r["arm"]
+        # the per-sample record file says the same as records.jsonl
+        assert json.loads((out / r["image"]).with_suffix(".json").read_text()) == r
+    m = metrics(out)
+    assert set(m["arms"]) == {"ntrk", "plain"} and m["num_steps"] == 10
+    for arm in ("ntrk", "plain"):
+        a = m["arms"][arm]
+        vals = np.array([r["rewards"]["reward"] for r in recs if r["arm"] == arm])
+        assert a["num_samples"] == N and a["rewards"]["reward"]["count"] == N
+        assert a["rewards"]["reward"]["mean"] == pytest.approx(vals.mean(), rel=1e-6)
+        assert a["fid"] is not None and a["fid"] > 0 and a["diversity"]["overall"] > 0
+    # NTRK steers toward the target digit: a large margin even on 10 samples
+    assert m["arms"]["ntrk"]["rewards"]["reward"]["mean"] > m["arms"]["plain"]["rewards"]["reward"]["mean"] + 2.0
+    report = (out / "report.md").read_text()
+    assert "ntrk" in report and "plain" in report
+    assert (out / "config.yaml").is_file()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_rerun_skips_finished_samples_and_fills_gaps(small_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)
+    before = images_by_key(out)
+    metrics_before = metrics(out)
+    # a "killed" run: some samples never finished, one PNG without its record, a stale temp file
+    gone = ["ntrk/p00000_s00003", "ntrk/p00000_s00007", "plain/p00000_s00000"]
+    for k in gone:
+        (out / "images" / f"{k}.json").unlink()
+    (out / "images" / "plain" / "p00000_s00000.png").unlink()
+    (out / "images" / "ntrk" / ".p00000_s00009.png.x.tmp").write_bytes(b"partial")
+    (out / "records.jsonl").unlink()
+    (out / "metrics.json").unlink()
+    kept = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.json")}
+    run_in_process(predict_args(out))
+    after = images_by_key(out)
+    assert set(after) == set(before)
+    for k in before:  # deterministic: regenerated samples are the same images
+        assert np.abs(after[k].astype(int) - before[k].astype(int)).max() <= 1, k
+    for p, t in kept.items():  # finished samples were not touched
+        assert p.stat().st_mtime_ns == t, p
+    assert not list(out.rglob("*.tmp"))
+    # regenerated samples ran in other batch compositions: float noise of ~1e-5 in their rewards
+    assert_metrics_close(metrics(out), metrics_before, rtol=1e-3, atol=1e-3)
+
+
+def test_independent_of_batch_size(small_run, tmp_path):
+    out = tmp_path / "run"
+    run_in_process(predict_args(out, ["--data.init_args.batch_size", "3", "--model.init_args.report", "false"]))
+    a, b = images_by_key(small_run), images_by_key(out)
+    assert set(b) == expected_keys(["ntrk", "plain"], N)
+    for k in b:
+        assert np.abs(a[k].astype(int) - b[k].astype(int)).max() <= 1, k
+    assert not (out / "report.md").exists()
+
+
+def test_sigterm_then_rerun_completes_without_regenerating(tmp_path):
+    """Kill a run with SIGTERM mid-way; the same command completes the set and leaves every sample
+    finished before the kill untouched."""
+    out = tmp_path / "run"
+    args = predict_args(out, ["--data.init_args.samples_per_prompt", "48", "--data.init_args.batch_size", "2"])
+    proc = subprocess.Popen([sys.executable, "-m", "ntrk_lightning.cli", *args], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        started = wait_for(lambda: len(list((out / "images").rglob("*.json"))) >= 6, 240, proc=proc)
+        assert started and proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    done = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.json")}
+    assert 0 < len(done) < 96, "the kill did not land mid-run"
+    for png in (out / "images").rglob("*.png"):  # whatever exists is a complete image
+        Image.open(png).load()
+    run_cli(args)
+    recs = records(out)
+    assert {r["key"] for r in recs} == expected_keys(["ntrk", "plain"], 48) and len(recs) == 96
+    for p, t in done.items():
+        assert p.stat().st_mtime_ns == t, f"{p} was regenerated"
+    assert metrics(out)["arms"]["ntrk"]["num_samples"] == 48
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--model.init_args.reward.init_args.score", "hit"], "not differentiable"),
+    (["--data.init_args.prompts", "[]"], "prompt list is empty"),
+    (["--model.init_args.reward.init_args.target", "12"], "target class must be in 0..9"),
+    (["--model.init_args.num_steps", "0"], "num_steps"),
+    (["--trainer.inference_mode", "true"], "inference_mode"),
+    (["--model.init_args.fid_reference", "/no/such/folder"], "/no/such/folder"),
+])
+def test_bad_configs_fail_early_with_a_clear_message(tmp_path, capsys, extra, message):
+    """Refused while parsing/instantiating: a one-line message (argparse-style exit), no
+    traceback, no output written."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        run_in_process(predict_args(out, extra))
+    text = f"{exc.value.code}\n{capsys.readouterr().err}"
+    assert exc.value.code not in (0, None)
+    assert message in text, text[-2000:]
+    assert not (out / "images").exists()
+
+
+def test_missing_output_dir_is_refused_by_the_real_command():
+    proc = run_cli(["predict", "-c", "configs/digits_ntrk.yaml"], check=False, timeout=120)
+    assert proc.returncode != 0 and "--output_dir" in proc.stderr
+    assert "Traceback" not in proc.stderr
