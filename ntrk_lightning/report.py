@@ -1,0 +1,523 @@
+"""``ntrk report``: one Markdown (+ JSON) report comparing run folders side by side.
+
+    ntrk report RUN_DIR [RUN_DIR ...] [--out DIR] [--title TEXT] [--grid 16]
+
+Reads each run folder's ``records.jsonl`` (required) and ``metrics.json`` (FID, diversity, CLIP
+score; optional, noted when absent) in the format of docs/run_format.md; a run may hold several
+arms. Writes to ``--out`` (default: the run folder when one is given, else ``./report``):
+
+* ``report.md`` — the metric table and the figures below, linked by relative path;
+* ``report.json`` — the table data (every number in the Markdown table, unrounded);
+* ``report_reward_vs_nfe.png`` — mean primary reward (± standard error) against NFE per sample,
+  log x axis, one point per arm, lines joining arms of the same sampler at different NFEs;
+* ``report_hist_<reward>.png`` — overlaid reward histograms of every arm, one per reward;
+* ``report_grid.png`` — the first N images of every arm, side by side.
+
+Reward statistics come from the records (every finished sample); image metrics from
+``metrics.json``. Every file is written atomically. Only files are read: no Lightning, no models.
+:func:`write_report` is also called by ``ntrk predict`` at the end of every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+RECORDS = "records.jsonl"
+METRICS = "metrics.json"
+REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
+FIG_NFE = "report_reward_vs_nfe.png"
+FIG_GRID = "report_grid.png"
+
+
+class ReportError(ValueError):
+    """Input that cannot be reported on; the message names the folder or file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    dir: Path
+    name: str
+    records: list[dict[str, Any]]
+    metrics: Optional[dict[str, Any]]
+    arms: list[str] = field(default_factory=list)
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    out = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"cannot read {path}: {e}") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ReportError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
+        if not isinstance(r, dict) or "arm" not in r:
+            raise ReportError(f"{path}, line {i}: a record needs at least 'arm' (docs/run_format.md)")
+        out.append(r)
+    return out
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read one run folder; a clear error naming what is missing when it is not one."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"run folder not found: {run_dir}")
+    rec_path, met_path = run_dir / RECORDS, run_dir / METRICS
+    if not rec_path.is_file():
+        missing = RECORDS + ("" if met_path.is_file() else f" and {METRICS}")
+        raise ReportError(f"not an ntrk run folder: {run_dir} has no {missing} (see docs/run_format.md)")
+    records = _read_records(rec_path)
+    if not records:
+        raise ReportError(f"{rec_path} holds no records: the run has not finished any sample")
+    metrics = None
+    if met_path.is_file():
+        try:
+            metrics = json.loads(met_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ReportError(f"cannot read {met_path}: {e}") from None
+        if not isinstance(metrics, dict):
+            raise ReportError(f"{met_path}: expected a JSON object")
+    name = str((metrics or {}).get("run") or run_dir.resolve().name)
+    arms: list[str] = [a for a in ((metrics or {}).get("arms") or {}) if any(r["arm"] == a for r in records)]
+    for r in records:
+        if r["arm"] not in arms:
+            arms.append(str(r["arm"]))
+    return Run(run_dir, name, records, metrics, arms)
+
+
+# ---------------------------------------------------------------------------------------------
+# Table
+# ---------------------------------------------------------------------------------------------
+
+def _values(records: Sequence[dict[str, Any]], key: str) -> list[float]:
+    out = []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(float(v)):
+            out.append(float(v))
+    return out
+
+
+def reward_summary(values: Sequence[float]) -> dict[str, Any]:
+    """mean, population std (as ``metrics.RewardStatistics``), standard error of the mean
+    (sample std / sqrt(n)), min, median, max and count of the finite values."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    n = int(v.size)
+    if n == 0:
+        return {"mean": None, "std": None, "se": None, "min": None, "median": None, "max": None, "count": 0}
+    return {"mean": float(v.mean()), "std": float(v.std()),
+            "se": float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
+            "min": float(v.min()), "median": float(np.median(v)), "max": float(v.max()), "count": n}
+
+
+def _mean_or_none(values: Sequence[float]) -> Optional[float]:
+    return float(np.mean(values)) if len(values) else None
+
+
+def _finite(v: Any) -> Optional[float]:
+    if isinstance(v, dict):  # diversity may be {"overall": x, "per_group": {...}}
+        v = v.get("overall")
+    if isinstance(v, (int, float)) and math.isfinite(float(v)):
+        return float(v)
+    return None
+
+
+def build_rows(runs: Sequence[Run]) -> tuple[list[dict[str, Any]], str, list[str]]:
+    """One row per (run, arm); the primary reward; every reward name seen."""
+    primary = None
+    for run in runs:
+        if run.metrics and run.metrics.get("primary_reward"):
+            primary = str(run.metrics["primary_reward"])
+            break
+    names: list[str] = []
+    for run in runs:
+        for r in run.records:
+            for k in (r.get("rewards") or {}):
+                if k not in names:
+                    names.append(k)
+    if primary is None:
+        primary = "reward" if "reward" in names else (names[0] if names else "reward")
+    names = [primary] + [n for n in names if n != primary]
+    multi = len(runs) > 1
+    used_labels: set[str] = set()
+    rows = []
+    for run in runs:
+        arm_metrics = ((run.metrics or {}).get("arms") or {})
+        for arm in run.arms:
+            recs = [r for r in run.records if r["arm"] == arm]
+            m = arm_metrics.get(arm) or {}
+            sampler = m.get("sampler") or next((r.get("sampler") for r in recs if r.get("sampler")), {}) or {}
+            label = f"{run.name}/{arm}" if multi else arm
+            base, k = label, 2
+            while label in used_labels:
+                label, k = f"{base} ({k})", k + 1
+            used_labels.add(label)
+            steps = sorted({int(r["num_steps"]) for r in recs if isinstance(r.get("num_steps"), (int, float))})
+            rewards = {n: reward_summary([float(r["rewards"][n]) for r in recs
+                                          if isinstance((r.get("rewards") or {}).get(n), (int, float))])
+                       for n in names}
+            seconds = _values(recs, "seconds")
+            rows.append({
+                "label": label, "run": run.name, "run_dir": str(run.dir), "arm": arm,
+                "sampler": sampler, "sampler_name": str(sampler.get("name", arm)) if isinstance(sampler, dict) else arm,
+                "num_steps": steps[0] if len(steps) == 1 else (steps or None),
+                "num_samples": len(recs),
+                "nfe_per_sample": _mean_or_none(_values(recs, "nfe")),
+                "grad_evals_per_sample": _mean_or_none(_values(recs, "grad_evals")),
+                "seconds_per_sample": _mean_or_none(seconds),
+                "seconds_total": float(sum(seconds)) if seconds else None,
+                "nan_fallbacks": int(sum(_values(recs, "nan_fallbacks"))),
+                "rewards": rewards,
+                "fid": _finite(m.get("fid")), "diversity": _finite(m.get("diversity")),
+                "clip_score": _finite(m.get("clip_score")),
+            })
+    return rows, primary, names
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures (matplotlib's object API on the Agg canvas: no global backend change)
+# ---------------------------------------------------------------------------------------------
+
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    from metrics._io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def plot_reward_vs_nfe(rows: Sequence[dict[str, Any]], primary: str, path: Path) -> bool:
+    pts = [r for r in rows if r["nfe_per_sample"] and r["rewards"][primary]["mean"] is not None]
+    if not pts:
+        return False
+    fig = _figure(7.5, 4.8)
+    ax = fig.add_subplot(1, 1, 1)
+    samplers = list(dict.fromkeys(r["sampler_name"] for r in pts))
+    color = dict(zip(samplers, _colors(len(samplers))))
+    # samplers sharing an NFE are spread a little sideways so their error bars stay readable
+    at_x: dict[float, list[str]] = {}
+    for r in pts:
+        names_here = at_x.setdefault(r["nfe_per_sample"], [])
+        if r["sampler_name"] not in names_here:
+            names_here.append(r["sampler_name"])
+
+    def dodge(x: float, name: str) -> float:
+        here = at_x[x]
+        return x * 1.05 ** (here.index(name) - (len(here) - 1) / 2)
+
+    for s in samplers:
+        group = sorted((r for r in pts if r["sampler_name"] == s), key=lambda r: r["nfe_per_sample"])
+        xs = [dodge(r["nfe_per_sample"], s) for r in group]
+        ys = [r["rewards"][primary]["mean"] for r in group]
+        es = [r["rewards"][primary]["se"] or 0.0 for r in group]
+        connect = len({r["nfe_per_sample"] for r in group}) > 1
+        ax.errorbar(xs, ys, yerr=es, fmt="o-" if connect else "o", color=color[s], capsize=4, markersize=6,
+                    linewidth=1.5, label=s)
+        for r, x, y in zip(group, xs, ys):
+            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_xscale("log")
+    xs_all = sorted({r["nfe_per_sample"] for r in pts})
+    ax.set_xlim(xs_all[0] / 1.6, xs_all[-1] * 1.6)
+    ax.set_xticks(xs_all if len(xs_all) <= 12 else ax.get_xticks())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("denoiser evaluations per sample (NFE, log scale; same-NFE points spread sideways)")
+    ax.set_ylabel(f"mean {primary} (reward units, ± s.e.)")
+    ax.set_title(f"{primary} vs compute, {len(pts)} arm(s)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(title="sampler", fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def plot_histograms(rows: Sequence[dict[str, Any]], runs: Sequence[Run], name: str, path: Path) -> bool:
+    data = []
+    for row in rows:
+        run = next(r for r in runs if str(r.dir) == row["run_dir"])
+        vals = [float(r["rewards"][name]) for r in run.records
+                if r["arm"] == row["arm"] and isinstance((r.get("rewards") or {}).get(name), (int, float))
+                and math.isfinite(float(r["rewards"][name]))]
+        if vals:
+            data.append((row["label"], np.asarray(vals)))
+    if not data:
+        return False
+    allv = np.concatenate([v for _, v in data])
+    edges = np.histogram_bin_edges(allv, bins="auto")
+    if len(edges) > 41:
+        edges = np.linspace(allv.min(), allv.max(), 41)
+    if edges[0] == edges[-1]:
+        edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
+    fig = _figure(7.5, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    for (label, v), c in zip(data, _colors(len(data))):
+        w = np.full(v.shape, 1.0 / v.size)
+        ax.hist(v, bins=edges, weights=w, histtype="stepfilled", alpha=0.25, color=c)
+        ax.hist(v, bins=edges, weights=w, histtype="step", linewidth=1.6, color=c,
+                label=f"{label} (n={v.size}, mean={v.mean():.3g})")
+        ax.axvline(v.mean(), color=c, linestyle="--", linewidth=1)
+    ax.set_xlabel(f"{name} (reward units)")
+    ax.set_ylabel("fraction of samples per bin")
+    ax.set_title(f"Distribution of {name} per arm (dashed: mean)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def _load_rgb(path: Path) -> Optional[np.ndarray]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except Exception:
+        return None
+
+
+def _montage(images: list[np.ndarray], cols: int) -> np.ndarray:
+    h = max(i.shape[0] for i in images)
+    w = max(i.shape[1] for i in images)
+    rows = math.ceil(len(images) / cols)
+    pad = max(1, h // 16)
+    out = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), dtype=np.float32)
+    for k, img in enumerate(images):
+        r, c = divmod(k, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        out[y:y + img.shape[0], x:x + img.shape[1]] = img
+    return out
+
+
+def plot_grid(rows: Sequence[dict[str, Any]], runs: Sequence[Run], n: int, path: Path) -> tuple[bool, list[str]]:
+    notes: list[str] = []
+    panels = []
+    for row in rows:
+        run = next(r for r in runs if str(r.dir) == row["run_dir"])
+        imgs, missing = [], 0
+        for rec in [r for r in run.records if r["arm"] == row["arm"] and r.get("image")][:n]:
+            arr = _load_rgb(run.dir / str(rec["image"]))
+            if arr is None:
+                missing += 1
+            else:
+                imgs.append(arr)
+        if missing:
+            notes.append(f"{row['label']}: {missing} of the first {n} image files could not be read")
+        panels.append((row, imgs))
+    if not any(imgs for _, imgs in panels):
+        return False, notes
+    k = len(panels)
+    per_row = min(k, 4)
+    nrows = math.ceil(k / per_row)
+    fig = _figure(3.3 * per_row, 3.7 * nrows)
+    for i, (row, imgs) in enumerate(panels):
+        ax = fig.add_subplot(nrows, per_row, i + 1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        title = f"{row['label']}\n{_sampler_text(row['sampler'], 3)}"
+        if imgs:
+            cols = max(1, math.ceil(math.sqrt(len(imgs))))
+            ax.imshow(_montage(imgs, cols), interpolation="nearest")
+            title += f"\nfirst {len(imgs)} samples"
+        else:
+            ax.text(0.5, 0.5, "no readable images", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title, fontsize=9)
+    fig.suptitle("Samples per arm (same prompts and seeds across arms of a run)", fontsize=11)
+    _save(fig, path)
+    return True, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "–"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _sampler_text(sampler: Any, limit: int = 6) -> str:
+    if not isinstance(sampler, dict):
+        return str(sampler)
+    name = str(sampler.get("name", ""))
+    items = []
+    for k, v in sampler.items():
+        if k == "name" or isinstance(v, (dict, list)):
+            continue
+        items.append(f"{k}={_fmt(v, 3) if isinstance(v, float) else v}")
+    more = " …" if len(items) > limit else ""
+    return (name + (" (" + ", ".join(items[:limit]) + more + ")" if items else "")).strip()
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "reward"
+
+
+def render_markdown(title: str, runs: Sequence[Run], rows: Sequence[dict[str, Any]], primary: str,
+                    names: Sequence[str], figures: dict[str, Any], notes: Sequence[str]) -> str:
+    L = [f"# {title}", ""]
+    L.append(f"Generated by `ntrk report` on {time.strftime('%Y-%m-%d %H:%M:%S')} from "
+             f"{len(runs)} run folder(s):")
+    L.append("")
+    for run in runs:
+        arms = ", ".join(f"`{a}`" for a in run.arms)
+        L.append(f"- **{_md_escape(run.name)}** — `{run.dir}` (arms {arms}; {len(run.records)} samples)")
+    L.append("")
+    L.append("## Metrics")
+    L.append("")
+    L.append(f"Primary reward: `{primary}` (mean ± std over samples; std is the population std). "
+             "NFE = denoiser forward passes per returned sample; seconds are wall-clock per sample. "
+             "FID, diversity (mean pairwise feature distance) and CLIP score come from each run's "
+             "`metrics.json`; `–` = not computed.")
+    L.append("")
+    others = [n for n in names if n != primary]
+    head = ["arm", "sampler", "steps", "samples", "NFE / sample", "grad evals / sample", "s / sample",
+            f"{primary} (mean ± std)", *[f"{n} (mean)" for n in others], "FID ↓", "diversity", "CLIP score",
+            "NaN fallbacks"]
+    L.append("| " + " | ".join(_md_escape(h) for h in head) + " |")
+    L.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
+    for r in rows:
+        p = r["rewards"][primary]
+        prim = "–" if p["mean"] is None else f"{_fmt(p['mean'])} ± {_fmt(p['std'], 3)}"
+        cells = [r["label"], _sampler_text(r["sampler"]), _fmt(r["num_steps"]), _fmt(r["num_samples"]),
+                 _fmt(r["nfe_per_sample"]), _fmt(r["grad_evals_per_sample"]), _fmt(r["seconds_per_sample"], 3),
+                 prim, *[_fmt(r["rewards"][n]["mean"]) for n in others], _fmt(r["fid"]), _fmt(r["diversity"]),
+                 _fmt(r["clip_score"]), _fmt(r["nan_fallbacks"])]
+        L.append("| " + " | ".join(_md_escape(str(c)) for c in cells) + " |")
+    L.append("")
+    if figures.get("reward_vs_nfe"):
+        L += ["## Reward vs compute", "",
+              f"Mean `{primary}` of every arm against its NFE per sample (log scale); error bars are "
+              "standard errors of the mean; arms of the same sampler at different NFEs are joined.", "",
+              f"![{primary} vs NFE]({figures['reward_vs_nfe']})", ""]
+    if figures.get("histograms"):
+        L += ["## Reward distributions", ""]
+        for n, f in figures["histograms"].items():
+            L += [f"![distribution of {n}]({f})", ""]
+    if figures.get("grid"):
+        L += ["## Samples", "", "The first images of every arm (records order: prompt, then sample).", "",
+              f"![samples per arm]({figures['grid']})", ""]
+    if notes:
+        L += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(L)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+def write_report(run_dirs: Sequence[Path], out_dir: Path, title: Optional[str] = None,
+                 grid_images: int = 16) -> Path:
+    """Write ``report.md``, ``report.json`` and the PNGs for ``run_dirs`` into ``out_dir``;
+    returns the path of ``report.md``. Raises :class:`ReportError` for a folder that is not a run."""
+    from metrics._io import atomic_write_json, atomic_write_text
+
+    if not run_dirs:
+        raise ReportError("no run folders given")
+    runs = [load_run(Path(d)) for d in run_dirs]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, primary, names = build_rows(runs)
+    notes = [f"{run.name}: no {METRICS} in {run.dir} (FID, diversity and CLIP score not available)"
+             for run in runs if run.metrics is None]
+    figures: dict[str, Any] = {}
+    if plot_reward_vs_nfe(rows, primary, out_dir / FIG_NFE):
+        figures["reward_vs_nfe"] = FIG_NFE
+    hists = {}
+    for n in names:
+        fname = f"report_hist_{_slug(n)}.png"
+        if plot_histograms(rows, runs, n, out_dir / fname):
+            hists[n] = fname
+    figures["histograms"] = hists
+    ok, grid_notes = plot_grid(rows, runs, int(grid_images), out_dir / FIG_GRID)
+    notes += grid_notes
+    if ok:
+        figures["grid"] = FIG_GRID
+    if title is None:
+        title = f"ntrk report: {runs[0].name}" if len(runs) == 1 else "ntrk report: " + " vs ".join(r.name for r in runs)
+    data = {"title": title, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "runs": [{"name": r.name, "dir": str(r.dir), "arms": r.arms, "num_records": len(r.records),
+                      "has_metrics": r.metrics is not None} for r in runs],
+            "primary_reward": primary, "reward_names": names, "rows": rows, "figures": figures, "notes": notes}
+    atomic_write_json(out_dir / REPORT_JSON, data)
+    md = render_markdown(title, runs, rows, primary, names, figures, notes)
+    return atomic_write_text(out_dir / REPORT_MD, md)
+
+
+def main(argv: list[str]) -> int:
+    """``ntrk report RUN_DIR [RUN_DIR ...] [--out DIR] [--title TEXT] [--grid N]``."""
+    parser = argparse.ArgumentParser(prog="ntrk report",
+                                     description="Compare ntrk run folders in one Markdown/JSON report with plots.")
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="run folders written by `ntrk predict`")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: the run folder when one is given, else ./report)")
+    parser.add_argument("--title", default=None, help="report title")
+    parser.add_argument("--grid", type=int, default=16, help="images per arm in the sample grid (default 16)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else 2
+    if args.grid < 1:
+        print("ntrk report: error: --grid must be >= 1", file=sys.stderr)
+        return 2
+    out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else Path("report"))
+    try:
+        path = write_report(args.run_dirs, out, title=args.title, grid_images=args.grid)
+    except (ReportError, OSError) as e:
+        print(f"ntrk report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":  # python -m ntrk_lightning.report ...
+    sys.exit(main(sys.argv[1:]))

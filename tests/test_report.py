@@ -1,0 +1,133 @@
+"""``ntrk report``: two synthetic digits runs (NTRK and plain arms, docs/run_format.md) in, a
+Markdown + JSON report with legible PNGs out; numbers equal what the records imply."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ntrk_lightning.report import ReportError, main, write_report
+from run_fixtures import make_run, two_runs
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _check_png(path: Path, min_w: int = 400, min_h: int = 250) -> None:
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.width >= min_w and img.height >= min_h, (path, img.size)
+        arr = np.asarray(img.convert("L"), dtype=np.float32)
+    assert arr.std() > 5.0, f"{path} looks blank"
+
+
+def test_report_on_two_runs(tmp_path, capsys):
+    a, b = two_runs(tmp_path)
+    out = tmp_path / "report"
+    assert main([str(a), str(b), "--out", str(out), "--title", "NTRK vs plain"]) == 0
+    assert "report.md" in capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    data = json.loads((out / "report.json").read_text())
+    assert data["title"] == "NTRK vs plain" and md.startswith("# NTRK vs plain")
+    assert data["primary_reward"] == "reward" and data["reward_names"] == ["reward", "judge"]
+
+    # one row per (run, arm), in the runs' arm order, with the numbers the records imply
+    rows = {r["label"]: r for r in data["rows"]}
+    assert list(rows) == ["digits_s25/ntrk", "digits_s25/plain", "digits_s50/ntrk", "digits_s50/plain"]
+    for run in (a, b):
+        recs = _records(run)
+        metrics = json.loads((run / "metrics.json").read_text())
+        for arm in ("ntrk", "plain"):
+            row = rows[f"{run.name}/{arm}"]
+            mine = [r for r in recs if r["arm"] == arm]
+            v = np.array([r["rewards"]["reward"] for r in mine])
+            assert row["num_samples"] == len(mine) == 10
+            assert row["rewards"]["reward"]["mean"] == pytest.approx(v.mean(), rel=1e-12)
+            assert row["rewards"]["reward"]["std"] == pytest.approx(v.std(), rel=1e-12)
+            assert row["rewards"]["reward"]["se"] == pytest.approx(v.std(ddof=1) / math.sqrt(len(v)), rel=1e-12)
+            assert row["rewards"]["judge"]["mean"] == pytest.approx(np.mean([r["rewards"]["judge"] for r in mine]))
+            assert row["nfe_per_sample"] == pytest.approx(np.mean([r["nfe"] for r in mine]))
+            assert row["grad_evals_per_sample"] == pytest.approx(np.mean([r["grad_evals"] for r in mine]))
+            assert row["seconds_per_sample"] == pytest.approx(np.mean([r["seconds"] for r in mine]))
+            assert row["nan_fallbacks"] == sum(r["nan_fallbacks"] for r in mine)
+            assert row["num_steps"] == mine[0]["num_steps"]
+            assert row["sampler"] == mine[0]["sampler"]
+            m = metrics["arms"][arm]
+            assert row["fid"] == m["fid"]
+            div = m["diversity"]["overall"] if isinstance(m["diversity"], dict) else m["diversity"]
+            assert row["diversity"] == div
+            assert row["clip_score"] == m["clip_score"]
+    assert rows["digits_s25/ntrk"]["nan_fallbacks"] == 1
+
+    # figures: valid, sized, referenced with relative paths that resolve next to report.md
+    figs = data["figures"]
+    expected = {"report_reward_vs_nfe.png", "report_hist_reward.png", "report_hist_judge.png", "report_grid.png"}
+    assert {figs["reward_vs_nfe"], figs["grid"], *figs["histograms"].values()} == expected
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert set(links) == expected
+    for link in links:
+        assert not Path(link).is_absolute()
+        _check_png(out / link)
+    _check_png(out / "report_grid.png", min_w=600, min_h=150)
+
+    # the table carries every arm with sampler hyperparameters, NFE and the reward
+    table = [ln for ln in md.splitlines() if ln.startswith("| digits_")]
+    assert len(table) == 4
+    s25 = next(ln for ln in table if ln.startswith("| digits_s25/ntrk "))
+    assert "gamma=0.3" in s25 and "| 25 |" in s25 and f"{rows['digits_s25/ntrk']['rewards']['reward']['mean']:.4g}" in s25
+    assert "21.5" in next(ln for ln in table if ln.startswith("| digits_s50/ntrk "))  # CLIP score shown
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # atomic writes: no temporaries left
+
+
+def test_single_run_with_several_arms_writes_into_the_run(tmp_path):
+    run = make_run(tmp_path, "one", {
+        "ntrk": {"sampler": {"name": "ntrk", "gamma": 0.5}, "nfe": 10, "grad_evals": 9, "reward_shift": 1.0},
+        "plain": {"sampler": {"name": "plain"}, "nfe": 10},
+        "best_of_4": {"sampler": {"name": "best_of_n", "n": 4}, "nfe": 40, "reward_shift": 0.8},
+    }, num_prompts=3, samples_per_prompt=2)
+    path = write_report([run], run)
+    assert path == run / "report.md"
+    data = json.loads((run / "report.json").read_text())
+    assert [r["label"] for r in data["rows"]] == ["ntrk", "plain", "best_of_4"]
+    assert data["rows"][2]["nfe_per_sample"] == 40
+    for f in ("report_reward_vs_nfe.png", "report_grid.png", "report_hist_reward.png"):
+        _check_png(run / f, min_h=150)
+    # a rerun (e.g. a resumed predict) overwrites in place
+    assert main([str(run)]) == 0 and (run / "report.md").read_text().startswith("# ntrk report: one")
+
+
+def test_missing_metrics_json_is_noted_not_fatal(tmp_path):
+    run = make_run(tmp_path, "nometrics", {"plain": {"sampler": {"name": "plain"}, "nfe": 25}}, write_metrics=False)
+    (run / "images" / "plain" / "p00000_s00001.png").unlink()  # one image gone
+    write_report([run], tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["rows"][0]["fid"] is None and data["rows"][0]["num_samples"] == 10
+    notes = " ".join(data["notes"])
+    assert "no metrics.json" in notes and "could not be read" in notes
+    assert "## Notes" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_not_a_run_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "plain_folder").mkdir()
+    assert main([str(tmp_path / "plain_folder")]) == 2
+    err = capsys.readouterr().err
+    assert "not an ntrk run folder" in err and "records.jsonl" in err and "Traceback" not in err
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
+    assert "run folder not found" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "records.jsonl").write_text('{"arm": "a"}\nnot json\n')
+    with pytest.raises(ReportError, match="line 2: not valid JSON"):
+        write_report([broken], tmp_path / "r")
+    (broken / "records.jsonl").write_text("")
+    with pytest.raises(ReportError, match="holds no records"):
+        write_report([broken], tmp_path / "r")
+    assert not (tmp_path / "r" / "report.md").exists()
