@@ -4,7 +4,8 @@ Real statistics are computed once and cached, never recomputed per run: a genera
 ``ntrk evaluate`` call only extracts features of its *generated* images. Sources:
 
 * ``"digits"`` / ``"digits:R"`` — all 1797 real scikit-learn digits at resolution R (default 16),
-  as ``ntrk_lightning.training.quality.real_images`` gives them;
+  as ``ntrk_lightning.training.quality.real_images`` gives them; ``"digits:R:C"`` — only the real
+  digits of class C (the reference for samples steered toward digit C);
 * a folder of images (``metrics.images`` conventions);
 * a statistics file written by :meth:`ReferenceStats.save` (used as is).
 
@@ -34,7 +35,7 @@ from metrics.images import batches_by_shape, folder_fingerprint, list_images
 PathLike = Union[str, "os.PathLike[str]"]
 
 FORMAT = "ntrk-reference-stats/1"
-_DIGITS = re.compile(r"^digits(?::(\d+))?$")
+_DIGITS = re.compile(r"^digits(?::(\d+))?(?::(\d))?$")
 
 
 @dataclass
@@ -124,10 +125,19 @@ def _accumulate(feature: nn.Module, batches: Iterable[Tensor]) -> tuple[Tensor, 
     return total, outer, n
 
 
-def _digit_batches(resolution: int, batch_size: int) -> Iterable[Tensor]:
+def _digits_source(m: "re.Match[str]") -> tuple[int, Optional[int], str]:
+    """(resolution, class or None, canonical text) of a ``digits[:R[:C]]`` source."""
+    res = int(m.group(1) or 16)
+    cls = None if m.group(2) is None else int(m.group(2))
+    return res, cls, f"digits:{res}" + ("" if cls is None else f":{cls}")
+
+
+def _digit_batches(resolution: int, batch_size: int, cls: Optional[int] = None) -> Iterable[Tensor]:
     from ntrk_lightning.training.quality import real_images
 
-    x, _ = real_images(resolution)
+    x, y = real_images(resolution)
+    if cls is not None:
+        x = x[y == cls]
     for s in range(0, len(x), batch_size):
         yield x[s:s + batch_size]
 
@@ -137,7 +147,7 @@ def describe_source(source: Union[str, PathLike]) -> str:
     s = str(source)
     m = _DIGITS.match(s)
     if m and not Path(s).exists():
-        return f"digits:{int(m.group(1) or 16)}"
+        return _digits_source(m)[2]
     return str(Path(s).resolve())
 
 
@@ -158,7 +168,7 @@ def check_reference_source(source: Union["ReferenceStats", str, PathLike]) -> No
     if p.is_file():
         ReferenceStats.load(p)
         return
-    raise FileNotFoundError(f"reference {s!r} is neither 'digits[:R]', a folder of images nor a statistics "
+    raise FileNotFoundError(f"reference {s!r} is neither 'digits[:R[:C]]', a folder of images nor a statistics "
                             "file (none exists at that path)")
 
 
@@ -178,10 +188,9 @@ def reference_stats(source: Union["ReferenceStats", str, PathLike], feature: Uni
     m = _DIGITS.match(s)
     p = Path(s)
     if m and not p.exists():
-        res = int(m.group(1) or 16)
-        src = f"digits:{res}"
+        res, cls, src = _digits_source(m)
         key_src: object = src
-        batches = lambda: _digit_batches(res, batch_size)  # noqa: E731
+        batches = lambda: _digit_batches(res, batch_size, cls)  # noqa: E731
     elif p.is_dir():
         paths = list_images(p)
         src = str(p.resolve())
@@ -190,7 +199,7 @@ def reference_stats(source: Union["ReferenceStats", str, PathLike], feature: Uni
     elif p.is_file():
         return _checked(ReferenceStats.load(p), module, ident, str(p))
     else:
-        raise FileNotFoundError(f"reference {s!r} is neither 'digits[:R]', a folder of images nor a statistics "
+        raise FileNotFoundError(f"reference {s!r} is neither 'digits[:R[:C]]', a folder of images nor a statistics "
                                 "file (none exists at that path)")
     key = hashlib.sha1(json.dumps({"source": key_src, "feature": ident, "v": 1}, sort_keys=True).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{feature_name(module)}-{Path(src).name or src}").strip("-")[:60]

@@ -229,6 +229,19 @@ def test_reference_stats_digits_cached_once(tmp_path, monkeypatch, digit_feature
         M.reference_stats("digits:8", digit_features, cache_dir=cache)
 
 
+def test_reference_stats_of_one_digit_class(tmp_path, digit_features, digits16):
+    """``digits:R:C``: the real digits of class C only (the reference of samples steered to C)."""
+    _, labels = real_images(16)
+    s3 = M.reference_stats("digits:16:3", digit_features, cache_dir=tmp_path)
+    assert s3.n == int((labels == 3).sum()) and s3.source == "digits:16:3"
+    direct = M.ReferenceStats.from_features(M.features.extract(digit_features, digits16[labels == 3]), "d")
+    assert torch.allclose(s3.mean, direct.mean, rtol=0, atol=1e-10)
+    all_digits = M.reference_stats("digits:16", digit_features, cache_dir=tmp_path)
+    assert not torch.allclose(s3.mean, all_digits.mean)
+    with pytest.raises(FileNotFoundError, match="digits"):
+        M.reference_stats("digits:16:12", digit_features, cache_dir=tmp_path)
+
+
 def test_reference_stats_folder_file_and_errors(tmp_path, digit_features, digits16):
     from PIL import Image
 
