@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -37,7 +37,8 @@ class GenerationModule(pl.LightningModule):
         reward: the reward the samplers steer by (and the report's primary reward).
         samplers: arm name -> sampler spec, e.g. ``{"ntrk": NTRK(gamma=0.3), "plain": Plain()}``.
             Every arm generates every item, with the same seeds.
-        num_steps: reverse steps S of every arm.
+        num_steps: reverse steps S of every arm, or arm name -> S (so that search baselines can
+            trade steps for candidates at equal NFE).
         eval_rewards: name -> reward computed on every final image but never used for guidance
             (held-out judges); recorded per sample and summarised in the metrics.
         fid_reference: real images for FID: ``"digits"``/``"digits:R"``, a folder, or a saved
@@ -57,7 +58,7 @@ class GenerationModule(pl.LightningModule):
         backbone: Backbone,
         reward: Reward,
         samplers: dict[str, Sampler],
-        num_steps: int = 25,
+        num_steps: Union[int, dict[str, int]] = 25,
         eval_rewards: Optional[dict[str, Reward]] = None,
         fid_reference: Optional[str] = None,
         fid_feature: str = "inception",
@@ -71,8 +72,7 @@ class GenerationModule(pl.LightningModule):
         super().__init__()
         if not isinstance(samplers, dict) or not samplers:
             raise ValueError("samplers must map at least one arm name to a sampler spec")
-        if int(num_steps) < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        steps = _steps_per_arm(num_steps, list(samplers))
         eval_rewards = dict(eval_rewards or {})
         for name in eval_rewards:
             if name == GUIDANCE:
@@ -95,7 +95,7 @@ class GenerationModule(pl.LightningModule):
         self.reward = reward
         self.eval_rewards = nn.ModuleDict(eval_rewards)
         self.samplers = dict(samplers)
-        self.num_steps = int(num_steps)
+        self.num_steps = steps
         self.fid_reference = fid_reference
         self.fid_feature = fid_feature
         self.diversity = bool(diversity)
@@ -156,6 +156,7 @@ class GenerationModule(pl.LightningModule):
                                                      for s in self.samplers.values()):
             raise RuntimeError("reward guidance needs autograd: construct the Trainer with inference_mode=False")
         self._scheduler = self.backbone.make_scheduler()
+        self._t_start = time.perf_counter()
         for group in self.metrics.values():
             for m in group.values():
                 m.reset()  # ddp_spawn on CPU shares metric storage between ranks (PITFALLS)
@@ -182,7 +183,7 @@ class GenerationModule(pl.LightningModule):
                 continue
             prompts = [it.prompt for it in items]
             cond = self.backbone.conditioning(prompts)
-            res = sample(model, self._scheduler, self.reward, spec, self.num_steps, seed=[it.seed for it in items],
+            res = sample(model, self._scheduler, self.reward, spec, self.num_steps[arm], seed=[it.seed for it in items],
                          cond=cond, prompts=prompts, device=self.device)
             images = res.images.float().clamp(0.0, 1.0)
             rewards = {GUIDANCE: res.rewards.float().cpu()}
@@ -199,7 +200,7 @@ class GenerationModule(pl.LightningModule):
                     "prompt_index": it.prompt_index, "prompt": it.prompt, "sample_index": it.sample_index,
                     "seed": it.seed,
                     "image": str(layout.image_path(Path("."), arm, it.prompt_index, it.sample_index)),
-                    "sampler": spec.describe(), "num_steps": self.num_steps,
+                    "sampler": spec.describe(), "num_steps": self.num_steps[arm],
                     "rewards": {k: _num(v[j]) for k, v in rewards.items()},
                     "nfe": res.nfe, "grad_evals": res.grad_evals,
                     "nan_fallbacks": int(res.nan_fallbacks_per_sample[j]),
@@ -227,8 +228,12 @@ class GenerationModule(pl.LightningModule):
         self._catch_up(out, trainer.datamodule, trainer.global_rank, trainer.world_size)
         summary = {arm: self._compute(arm) for arm in self.arm_names}  # collective: every rank
         trainer.strategy.barrier()  # every rank's files are on disk
+        dm = trainer.datamodule
+        run_stats = {"world_size": trainer.world_size,
+                     "generated_this_run": sum(len(it.arms) for it in getattr(dm, "items", [])),
+                     "predict_seconds": time.perf_counter() - self._t_start}
         if trainer.is_global_zero:
-            self._write_run_files(out, summary)
+            self._write_run_files(out, summary, run_stats)
         trainer.strategy.barrier()
 
     def _catch_up(self, out: Path, dm: Any, rank: int, world: int) -> None:
@@ -258,7 +263,7 @@ class GenerationModule(pl.LightningModule):
             res[key] = _plain(group[key].compute()) if key in group else None
         return res
 
-    def _write_run_files(self, out: Path, summary: dict[str, dict[str, Any]]) -> None:
+    def _write_run_files(self, out: Path, summary: dict[str, dict[str, Any]], run_stats: dict[str, Any]) -> None:
         records = list(layout.iter_records(out, self.arm_names))
         layout.write_records_jsonl(out, records)
         arms = {}
@@ -267,6 +272,7 @@ class GenerationModule(pl.LightningModule):
             n = len(recs)
             arms[arm] = {
                 "sampler": self.samplers[arm].describe(),
+                "num_steps": self.num_steps[arm],
                 "num_samples": n,
                 "nfe_per_sample": _mean([r["nfe"] for r in recs]),
                 "grad_evals_per_sample": _mean([r["grad_evals"] for r in recs]),
@@ -275,9 +281,12 @@ class GenerationModule(pl.LightningModule):
                 **summary[arm],
             }
         name = self.run_name or out.resolve().name
-        result = {"run": name, "model": self.backbone.describe(), "num_steps": self.num_steps,
+        steps = set(self.num_steps.values())
+        result = {"run": name, "model": self.backbone.describe(),
+                  "num_steps": steps.pop() if len(steps) == 1 else dict(self.num_steps),
                   "primary_reward": GUIDANCE, "reward": _describe(self.reward),
-                  "eval_rewards": {k: _describe(v) for k, v in self.eval_rewards.items()}, "arms": arms}
+                  "eval_rewards": {k: _describe(v) for k, v in self.eval_rewards.items()}, "arms": arms,
+                  "last_run": run_stats}
         layout.atomic_write_json(out / layout.METRICS, result)
         if self.write_report:
             from ntrk_lightning.report import write_report
@@ -297,6 +306,21 @@ class GenerationModule(pl.LightningModule):
 def _num(v: Any) -> float:
     x = float(v)
     return x if math.isfinite(x) else (None if math.isnan(x) else x)  # JSON has no NaN
+
+
+def _steps_per_arm(num_steps: Union[int, dict[str, int]], arms: list[str]) -> dict[str, int]:
+    if isinstance(num_steps, dict):
+        missing, extra = set(arms) - set(num_steps), set(num_steps) - set(arms)
+        if missing or extra:
+            raise ValueError(f"num_steps must name every arm exactly: missing {sorted(missing)}, "
+                             f"unknown {sorted(extra)}")
+        steps = {a: int(num_steps[a]) for a in arms}
+    else:
+        steps = {a: int(num_steps) for a in arms}
+    for a, v in steps.items():
+        if v < 1:
+            raise ValueError(f"num_steps must be >= 1, got {v} for arm {a!r}")
+    return steps
 
 
 def _from_json(v: Any) -> float:
