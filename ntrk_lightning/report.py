@@ -381,13 +381,30 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def _sampler_defaults(name: str) -> dict[str, Any]:
+    """Default hyperparameters of a registered sampler (so labels show only what was set)."""
+    import dataclasses
+
+    from ntrk_lightning.samplers import REGISTRY
+
+    cls = REGISTRY.get(name)
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return {}
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
+    return out
+
+
 def _sampler_text(sampler: Any, limit: int = 6) -> str:
     if not isinstance(sampler, dict):
         return str(sampler)
     name = str(sampler.get("name", ""))
+    defaults = _sampler_defaults(name)
     items = []
     for k, v in sampler.items():
-        if k == "name" or isinstance(v, (dict, list)):
+        if k == "name" or isinstance(v, dict) or (k in defaults and defaults[k] == v):
             continue
         items.append(f"{k}={_fmt(v, 3) if isinstance(v, float) else v}")
     more = " …" if len(items) > limit else ""
