@@ -19,13 +19,14 @@ Every extractor built here receives float images in [0, 1] (B, C, H, W); see
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
+
+from ntrk_lightning.importing import import_object
 
 from metrics.images import as_float01, to_uint8
 
@@ -114,22 +115,9 @@ class _FloatInput(nn.Module):
 
 
 def _import_class(spec: str) -> type:
-    if ":" in spec:
-        mod_name, _, attr = spec.partition(":")
-    else:
-        mod_name, _, attr = spec.rpartition(".")
-    if not mod_name or not attr:
+    if ":" not in spec and "." not in spec:
         raise ValueError(f"feature {spec!r}: expected 'inception', 'digits' or an import path 'package.module:Class'")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ValueError(f"feature {spec!r}: cannot import module {mod_name!r} ({e})") from None
-    obj = mod
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"feature {spec!r}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj  # type: ignore[return-value]
+    return import_object(spec, "feature")
 
 
 def build_feature(spec: Union[str, nn.Module] = "inception", weights_path: Optional[PathLike] = None) -> nn.Module:

@@ -28,7 +28,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from metrics._io import atomic_write, cache_dir as default_cache_dir
+from ntrk_lightning.fileio import atomic_write, cache_dir as default_cache_dir
 from metrics.features import build_feature, extract, feature_identity, feature_name
 from metrics.images import batches_by_shape, folder_fingerprint, list_images
 

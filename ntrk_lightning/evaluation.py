@@ -441,7 +441,7 @@ class EvaluationModule(LightningModule):
             "world_size": self.trainer.world_size, "arms": arms,
         }
         if self.trainer.is_global_zero:
-            from metrics._io import atomic_write_json, json_safe
+            from ntrk_lightning.fileio import atomic_write_json, json_safe
 
             if self.output_dir is not None:
                 atomic_write_json(Path(self.output_dir) / METRICS, self.results)

@@ -208,7 +208,7 @@ def _figure(w: float, h: float):
 
 
 def _save(fig, path: Path) -> None:
-    from metrics._io import atomic_write_bytes
+    from ntrk_lightning.fileio import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
@@ -476,7 +476,7 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path, title: Optional[str] =
                  grid_images: int = 16) -> Path:
     """Write ``report.md``, ``report.json`` and the PNGs for ``run_dirs`` into ``out_dir``;
     returns the path of ``report.md``. Raises :class:`ReportError` for a folder that is not a run."""
-    from metrics._io import atomic_write_json, atomic_write_text
+    from ntrk_lightning.fileio import atomic_write_json, atomic_write_text
 
     if not run_dirs:
         raise ReportError("no run folders given")

@@ -19,7 +19,6 @@ In a config::
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from typing import Any, Callable, Optional, Sequence
@@ -27,6 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ntrk_lightning.importing import import_object
 from rewards.base import Reward
 
 
@@ -91,27 +91,6 @@ class WeightedSum(Reward):
         return {**super().describe(), "weights": dict(self.weights), "parts": parts}
 
 
-def import_object(target: str) -> Any:
-    """``"package.module:attr.sub"`` (or ``"package.module.attr"``) -> the object."""
-    if not isinstance(target, str) or not target.strip():
-        raise ValueError("target must be an import path like 'package.module:callable'")
-    if ":" in target:
-        mod_name, _, attr = target.partition(":")
-    else:
-        mod_name, _, attr = target.rpartition(".")
-    if not mod_name or not attr:
-        raise ValueError(f"target {target!r} must look like 'package.module:callable'")
-    try:
-        obj: Any = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import module {mod_name!r} of reward target {target!r}: {e}") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"reward target {target!r}: {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
-
-
 def _takes_prompts(fn: Callable[..., Any], given: Sequence[str] = ()) -> bool:
     """True when ``fn`` has a second positional parameter (the prompts) that is not one of the
     keyword arguments ``given`` (``f(images, channel=0)`` with ``channel`` given takes no prompts)."""
@@ -147,7 +126,7 @@ class ImportedReward(Reward):
     def __init__(self, target: str, init_args: Optional[dict[str, Any]] = None, differentiable: bool = True,
                  needs_prompts: bool = False, name: Optional[str] = None) -> None:
         super().__init__()
-        obj = import_object(target)  # a bad path fails now, before any model work
+        obj = import_object(target, "reward target")  # a bad path fails now, before any model work
         if not callable(obj):
             raise ValueError(f"reward target {target!r} is a {type(obj).__name__}, not a callable or class")
         self.target = target

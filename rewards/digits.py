@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ntrk_lightning.data.digits import NUM_CLASSES, digits, split_indices
+from ntrk_lightning.fileio import atomic_write, atomic_write_text, cache_dir
 
 Arch = Literal["conv", "mlp"]
 
@@ -131,13 +132,6 @@ def train_classifier(
                    "resolution": resolution, "seed": seed, "epochs": epochs}
 
 
-def cache_dir() -> Path:
-    """Where derived artefacts (fitted GMMs, classifiers) are cached: ``$NTRK_CACHE`` or
-    ``~/.cache/ntrk_lightning``."""
-    root = os.environ.get("NTRK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ntrk_lightning")
-    return Path(root)
-
-
 _MEMO: dict[str, tuple[nn.Module, dict]] = {}
 
 
@@ -159,13 +153,9 @@ def cached_classifier(arch: Arch, resolution: int, seed: int, epochs: int = 60) 
         info = json.loads(meta_path.read_text())
     else:
         model, info = train_classifier(arch, resolution, seed, epochs=epochs)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
-        tmp_meta = meta_path.with_suffix(".jsontmp")
-        tmp_meta.write_text(json.dumps(info))
-        os.replace(tmp_meta, meta_path)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        atomic_write(path, lambda tmp: save_file(state, tmp))
+        atomic_write_text(meta_path, json.dumps(info))
     for p in model.parameters():
         p.requires_grad_(False)
     _MEMO[key] = (model, info)

@@ -1,7 +1,6 @@
 """`ntrk predict` on one process: outputs, determinism, resumption after a kill, clear errors."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess

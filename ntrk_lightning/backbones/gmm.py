@@ -15,10 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,14 +25,10 @@ from torch import Tensor
 from ntrk_lightning.data.digits import NUM_CLASSES, digits
 from ntrk_lightning.backbones.base import Backbone
 from ntrk_lightning.denoiser import DiffusionModel, identity_decode
+from ntrk_lightning.fileio import atomic_write, cache_dir
 
 SIDE = 8
 DIM = SIDE * SIDE
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("NTRK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ntrk_lightning")
-    return Path(root)
 
 
 @dataclass(frozen=True)
@@ -53,7 +47,7 @@ def fit_digits_gmm(components_per_class: int = 3, reg_covar: float = 1e-2, seed:
 @lru_cache(maxsize=8)
 def _fit_cached(per_class: int, reg_covar: float, seed: int) -> GMMParams:
     key = hashlib.sha1(json.dumps([per_class, reg_covar, seed, 1]).encode()).hexdigest()[:12]
-    path = _cache_dir() / f"digits-gmm-{key}.npz"
+    path = cache_dir() / f"digits-gmm-{key}.npz"
     if path.exists():
         z = np.load(path)
         return GMMParams(z["weights"], z["means"], z["covariances"], z["labels"])
@@ -73,11 +67,12 @@ def _fit_cached(per_class: int, reg_covar: float, seed: int) -> GMMParams:
         labels.append(np.full(per_class, c))
     params = GMMParams(np.concatenate(weights), np.concatenate(means), np.concatenate(covs),
                        np.concatenate(labels))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, weights=params.weights, means=params.means, covariances=params.covariances,
-             labels=params.labels)
-    os.replace(tmp, path)
+    def _save(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, weights=params.weights, means=params.means, covariances=params.covariances,
+                     labels=params.labels)
+
+    atomic_write(path, _save)
     return params
 
 

@@ -8,14 +8,14 @@ JSON record exists; the record is written after its PNG, so a finished sample al
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from torch import Tensor
+
+from ntrk_lightning.fileio import atomic_write_bytes, atomic_write_text, json_safe
 
 IMAGES = "images"
 RECORDS = "records.jsonl"
@@ -47,29 +47,6 @@ def check_arm_name(arm: str) -> str:
     return arm
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
-
-
 def to_uint8(images: Tensor) -> Tensor:
     """Images in [0, 1] (B, C, H, W) -> uint8 on the CPU, as they are saved."""
     return (images.detach().float().clamp(0.0, 1.0) * 255.0).round().to("cpu").byte()
@@ -97,7 +74,7 @@ def write_sample(out: Path, record: dict[str, Any], image_u8: Tensor) -> None:
     """PNG first, then the record that marks the sample finished."""
     arm, p, s = record["arm"], int(record["prompt_index"]), int(record["sample_index"])
     atomic_write_bytes(image_path(out, arm, p, s), png_bytes(image_u8))
-    atomic_write_text(record_path(out, arm, p, s), json.dumps(record, allow_nan=True) + "\n")
+    atomic_write_text(record_path(out, arm, p, s), json.dumps(json_safe(record)) + "\n")
 
 
 def read_image_u8(path: Path) -> Tensor:
@@ -160,6 +137,6 @@ def remove_stale_temporaries(out: Path, arms: Sequence[str]) -> int:
 
 def write_records_jsonl(out: Path, records: Iterable[dict[str, Any]]) -> int:
     """Rewrite ``records.jsonl`` (atomically) from ``records``; returns the count."""
-    lines = [json.dumps(r, allow_nan=True) for r in records]
+    lines = [json.dumps(json_safe(r)) for r in records]
     atomic_write_text(out / RECORDS, "\n".join(lines) + ("\n" if lines else ""))
     return len(lines)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ntrk_lightning.api import sample
 from ntrk_lightning.backbones.base import Backbone
+from ntrk_lightning.fileio import atomic_write_json
 from ntrk_lightning.pipeline import layout
 from ntrk_lightning.pipeline.data import Item
 from ntrk_lightning.samplers.base import Sampler
@@ -287,7 +288,7 @@ class GenerationModule(pl.LightningModule):
                   "primary_reward": GUIDANCE, "reward": _describe(self.reward),
                   "eval_rewards": {k: _describe(v) for k, v in self.eval_rewards.items()}, "arms": arms,
                   "last_run": run_stats}
-        layout.atomic_write_json(out / layout.METRICS, result)
+        atomic_write_json(out / layout.METRICS, result)
         if self.write_report:
             from ntrk_lightning.report import write_report
 

@@ -21,14 +21,9 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
+from ntrk_lightning.fileio import atomic_write, atomic_write_text  # noqa: F401  (diffusion.py uses atomic_write_text)
+
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_weights(state: Mapping[str, Tensor], path: Path, dtype: str = "float16",
@@ -44,10 +39,7 @@ def save_weights(state: Mapping[str, Tensor], path: Path, dtype: str = "float16"
         out[k] = (v.to(_DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
     meta = {"format": "pt", "stored_dtype": dtype}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(out, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(out, tmp, metadata=meta))
     return path.stat().st_size
 
 

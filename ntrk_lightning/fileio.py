@@ -1,13 +1,15 @@
-"""Small file helpers shared by the metrics package: atomic writes and the cache folder.
+"""Writing files so that readers never see half of one, and the project's cache folder.
 
-Every file the package writes goes to a unique temporary name in the target folder and is then
-renamed into place, so concurrent writers (several ranks filling the same cache) and killed runs
-never leave a half-written file for a reader to trip over.
+Every file goes to a unique temporary name in the target folder and is then renamed into place:
+concurrent writers (several ranks filling one cache) each produce a complete file and the last
+rename wins, and a killed process leaves at most a ``.<name>.*.tmp`` file behind, never a
+truncated output.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -17,11 +19,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` for a temporary file next to ``path``, then rename it to ``path``.
-
-    The temporary name is unique per call, so two processes writing the same file at once each
-    produce a complete file and the last rename wins.
-    """
+    """Call ``write(tmp_path)`` for a temporary file next to ``path``, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -46,26 +44,25 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    def _w(tmp: str) -> None:
+    def _write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
-    return atomic_write(path, _w)
+
+    return atomic_write(path, _write)
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: PathLike, obj: Any) -> Path:
-    """JSON with ``NaN``/``inf`` turned into ``null`` (strict JSON readers reject NaN)."""
-    return atomic_write_text(path, json.dumps(json_safe(obj), indent=2) + "\n")
+def atomic_write_json(path: PathLike, obj: Any, indent: Optional[int] = 2) -> Path:
+    """JSON with non-finite floats written as ``null`` (strict JSON readers reject NaN)."""
+    return atomic_write_text(path, json.dumps(json_safe(obj), indent=indent) + "\n")
 
 
 def json_safe(obj: Any) -> Any:
     """A copy of ``obj`` that strict JSON can hold: non-finite floats become ``None``, tensors and
     numpy scalars become Python numbers, dict keys become strings."""
-    import math
-
     if isinstance(obj, dict):
         return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -78,8 +75,8 @@ def json_safe(obj: Any) -> Any:
 
 
 def cache_dir(override: Optional[PathLike] = None) -> Path:
-    """Where derived artefacts (reference statistics) are cached: ``override``, else
-    ``$NTRK_CACHE``, else ``~/.cache/ntrk_lightning`` (the same folder the rest of the project uses)."""
+    """Where derived artefacts (fitted GMMs, classifiers, reference statistics) are cached:
+    ``override``, else ``$NTRK_CACHE``, else ``~/.cache/ntrk_lightning``."""
     if override is not None:
         return Path(override)
     root = os.environ.get("NTRK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ntrk_lightning")
