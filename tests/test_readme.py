@@ -1,0 +1,46 @@
+"""The README's promises: its Python examples run as written, its Quickstart test command is the
+one CI runs, and its benchmark numbers are the ones in benchmarks/results/."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+
+
+def _blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def test_python_examples_run_as_written(tmp_path):
+    blocks = _blocks("python")
+    assert len(blocks) >= 2
+    for i, code in enumerate(blocks):
+        script = tmp_path / f"example_{i}.py"
+        script.write_text(code)
+        proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 0, f"README example {i} failed:\n{code}\n{proc.stderr[-3000:]}"
+        assert proc.stdout.strip(), f"README example {i} printed nothing"
+
+
+def test_quickstart_is_two_commands_and_ci_runs_the_second():
+    section = README.split("## Quickstart", 1)[1]
+    block = _blocks("bash")[0]
+    assert section.index(block) < section.index("##")  # the first code block of the section
+    commands = [ln for ln in block.splitlines() if ln.strip()]
+    assert len(commands) == 2
+    assert "ntrk predict -c configs/digits_ntrk.yaml" in commands[0] and "pytest" in commands[1]
+    ci = subprocess.run(["bash", str(REPO / ".ci" / "test-command")], capture_output=True, text=True)
+    assert ci.returncode == 0 and ci.stdout.strip() == commands[1]
+    assert ".ci/test-command" in (REPO / ".ci" / "run").read_text()
+
+
+def test_benchmark_section_matches_the_result_files():
+    from benchmarks.run_all import BEGIN, END, readme_section
+
+    current = README.split(BEGIN, 1)[1].split(END, 1)[0]
+    assert BEGIN + current + END == readme_section(), \
+        "README benchmark section is stale: run `python -m benchmarks.run_all --readme`"
