@@ -427,7 +427,9 @@ def render_markdown(title: str, runs: Sequence[Run], rows: Sequence[dict[str, An
     L.append("")
     for run in runs:
         arms = ", ".join(f"`{a}`" for a in run.arms)
-        L.append(f"- **{_md_escape(run.name)}** — `{run.dir}` (arms {arms}; {len(run.records)} samples)")
+        fid_ref = (run.metrics or {}).get("fid_reference")
+        fid_txt = f"; FID against `{fid_ref}` in `{run.metrics.get('fid_feature')}` features" if fid_ref else ""
+        L.append(f"- **{_md_escape(run.name)}** — `{run.dir}` (arms {arms}; {len(run.records)} samples{fid_txt})")
     L.append("")
     L.append("## Metrics")
     L.append("")

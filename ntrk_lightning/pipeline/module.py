@@ -286,7 +286,9 @@ class GenerationModule(pl.LightningModule):
         result = {"run": name, "model": self.backbone.describe(),
                   "num_steps": steps.pop() if len(steps) == 1 else dict(self.num_steps),
                   "primary_reward": GUIDANCE, "reward": _describe(self.reward),
-                  "eval_rewards": {k: _describe(v) for k, v in self.eval_rewards.items()}, "arms": arms,
+                  "eval_rewards": {k: _describe(v) for k, v in self.eval_rewards.items()},
+                  "fid_reference": self.fid_reference, "fid_feature": self.fid_feature if self.fid_reference else None,
+                  "arms": arms,
                   "last_run": run_stats}
         atomic_write_json(out / layout.METRICS, result)
         if self.write_report:
