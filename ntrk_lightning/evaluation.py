@@ -41,6 +41,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ntrk_lightning.fileio import read_jsonl
 from rewards.base import Reward
 
 RECORDS = "records.jsonl"
@@ -76,22 +77,7 @@ class ImageSet:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvaluationError(f"cannot read {path}: {e}") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvaluationError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise EvaluationError(f"{path}, line {i}: expected a JSON object")
-        rows.append(row)
-    return rows
+    return read_jsonl(path, EvaluationError)
 
 
 def _groups_of(prompts: Sequence[str], indices: Sequence[Optional[int]]) -> list[int]:

@@ -1,4 +1,5 @@
-"""Writing files so that readers never see half of one, and the project's cache folder.
+"""Writing files so that readers never see half of one, reading JSON lines with errors that name
+the line, and the project's cache folder.
 
 Every file goes to a unique temporary name in the target folder and is then renamed into place:
 concurrent writers (several ranks filling one cache) each produce a complete file and the last
@@ -72,6 +73,28 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def read_jsonl(path: PathLike, error: type[Exception] = ValueError) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (blank lines skipped); ``error`` is raised, naming the
+    file and line, for an unreadable file, invalid JSON or a line that is not an object."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"cannot read {path}: {e}") from None
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}, line {i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise error(f"{path}, line {i}: expected a JSON object")
+        rows.append(row)
+    return rows
 
 
 def cache_dir(override: Optional[PathLike] = None) -> Path:

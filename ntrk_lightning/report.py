@@ -33,6 +33,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ntrk_lightning.fileio import read_jsonl
+
 RECORDS = "records.jsonl"
 METRICS = "metrics.json"
 REPORT_MD = "report.md"
@@ -59,21 +61,10 @@ class Run:
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
-    out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ReportError(f"cannot read {path}: {e}") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
-        if not isinstance(r, dict) or "arm" not in r:
-            raise ReportError(f"{path}, line {i}: a record needs at least 'arm' (docs/run_format.md)")
-        out.append(r)
+    out = read_jsonl(path, ReportError)
+    for i, r in enumerate(out, 1):
+        if "arm" not in r:
+            raise ReportError(f"{path}, record {i}: a record needs at least 'arm' (docs/run_format.md)")
     return out
 
 

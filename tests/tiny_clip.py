@@ -13,15 +13,17 @@ TINY_CONFIG = {
 }
 
 
-def make_tiny_clip(folder: Path, seed: int = 0, name: str = "ntrk-test-tiny-clip") -> tuple[Path, Path]:
-    """Write ``<name>.json`` (model config) and ``<name>.safetensors`` (weights) into ``folder``."""
+def make_tiny_clip(folder: Path, seed: int = 0, name: str = "ntrk-test-tiny-clip",
+                   config: dict | None = None) -> tuple[Path, Path]:
+    """Write ``<name>.json`` (model config, registered with open_clip; default ``TINY_CONFIG``)
+    and ``<name>.safetensors`` (weights) into ``folder``."""
     import open_clip
     import torch
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = folder / f"{name}.json"
-    cfg.write_text(json.dumps(TINY_CONFIG))
+    cfg.write_text(json.dumps(config or TINY_CONFIG))
     open_clip.add_model_config(str(cfg))
     torch.manual_seed(seed)
     model = open_clip.create_model(name)

@@ -19,7 +19,6 @@ vocabulary is downloaded (PITFALLS, "Models, offline").
 from __future__ import annotations
 
 import gzip
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -137,18 +136,9 @@ def open_clip_config(embed_dim: int = 32, image_size: int = 32) -> dict:
 
 def make_open_clip(folder: Path, name: str, embed_dim: int = 32, seed: int = 0) -> tuple[Path, Path]:
     """``<name>.json`` (open_clip model config, registered) and ``<name>.safetensors`` in ``folder``."""
-    import open_clip
-    from safetensors.torch import save_file
+    from tiny_clip import make_tiny_clip
 
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = folder / f"{name}.json"
-    cfg.write_text(json.dumps(open_clip_config(embed_dim)))
-    open_clip.add_model_config(str(cfg))
-    torch.manual_seed(seed)
-    model = open_clip.create_model(name)
-    weights = folder / f"{name}.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    return cfg, weights
+    return make_tiny_clip(folder, seed=seed, name=name, config=open_clip_config(embed_dim))
 
 
 #: the documented LAION head: Linear layers at these Sequential indices (dropouts in between)
