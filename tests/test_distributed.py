@@ -61,12 +61,15 @@ def test_two_nodes_on_localhost(single, tmp_path):
     port = free_port()
     args = predict_args(out, EXTRA + ["--trainer.num_nodes", "2", "--trainer.devices", "1",
                                       "--trainer.strategy", "ddp"])
+    # Both "nodes" share this machine's cores: with torch's default of one thread per core each,
+    # the two processes oversubscribe the CPU and OpenMP spinning makes generation ~6x slower.
+    env = {**cli_env(), "OMP_NUM_THREADS": "1"}
     procs = []
     for node_rank in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
                "-m", "ntrk_lightning.cli", *args]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     logs = []
     try:
