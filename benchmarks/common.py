@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -165,6 +167,18 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_text(path: Path, text: str) -> None:
     atomic_write_text(path, text)
+
+
+def median_seconds(fn: Callable[[], Any], reps: int = 30, warmup: int = 3) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``reps`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def fmt(v: Any, digits: int = 3) -> str:

@@ -12,28 +12,15 @@ of the samples; judge = the held-out 8x8 MLP's accuracy on the target digit.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, gmm_testbed, machine, machine_line, write_json, write_text
+from benchmarks.common import RESULTS, gmm_testbed, machine, machine_line, median_seconds, write_json, write_text
 
 GAMMAS = (0.05, 0.1, 0.2, 0.3)
 WHITENINGS = (("spectral", 1), ("spectral", 2), ("radial", 1), ("sphere", 1), ("standardize", 1), ("identity", 1))
-
-
-def median_ms(fn: Callable[[], Any], reps: int = 30, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def sweep(n: int) -> list[dict[str, Any]]:
@@ -83,9 +70,9 @@ def whitening_cost() -> list[dict[str, Any]]:
             x = torch.randn(shape, generator=g)
             row = {"case": label, "shape": list(shape)}
             for kind, block in (("spectral", 1), ("radial", 1), ("sphere", 1)):
-                row[f"whiten_{kind}_ms"] = median_ms(lambda: whiten(x, kind, block))
+                row[f"whiten_{kind}_ms"] = 1e3 * median_seconds(lambda: whiten(x, kind, block))
             if den is not None:
-                row["denoiser_forward_ms"] = median_ms(lambda: den(x), reps=10)
+                row["denoiser_forward_ms"] = 1e3 * median_seconds(lambda: den(x), reps=10)
                 row["ratio_spectral_to_forward"] = row["whiten_spectral_ms"] / row["denoiser_forward_ms"]
             out.append(row)
             print(row)

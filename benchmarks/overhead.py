@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, machine, machine_line, write_json, write_text
+from benchmarks.common import RESULTS, machine, machine_line, median_seconds, write_json, write_text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,19 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     def whiten_only() -> None:
         whiten(x, "spectral", 1)
 
-    def timed(fn, reps: int = 30) -> float:
-        for _ in range(3):
-            fn()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
-    floor = timed(floor_step)
-    fwd = timed(forward_only)
-    wh = timed(whiten_only, 100)
+    floor = median_seconds(floor_step)
+    fwd = median_seconds(forward_only)
+    wh = median_seconds(whiten_only, 100)
     out: dict[str, Any] = {
         "machine": machine(), "batch": args.batch, "steps": args.steps, "reps": args.reps,
         "seconds_per_step": med, "all_seconds_per_step": per_step,
