@@ -90,6 +90,7 @@ class DigitsFlowModule(DigitsDiffusionModule):
         eval_eta: float = 1.0,
         eval_seed: int = 0,
         eval_classifier_dir: Optional[str] = None,
+        torch_threads: Optional[int] = 1,
     ) -> None:
         # The parent's __init__ builds a DDPM noise scheduler and records DDPM hyperparameters; this
         # module shares its EMA/optimiser/export methods only, so it initialises the Lightning base.
@@ -104,6 +105,8 @@ class DigitsFlowModule(DigitsDiffusionModule):
             raise ValueError(f"time_sampling must be 'uniform' or 'logit_normal', got {time_sampling!r}")
         if not shift > 0:
             raise ValueError(f"shift must be > 0, got {shift}")
+        if torch_threads is not None and torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1 or null, got {torch_threads}")
         if not 0.0 <= eval_eta <= 1.0:
             raise ValueError(f"eval_eta must be in [0, 1], got {eval_eta}")
         self.save_hyperparameters()
@@ -121,6 +124,13 @@ class DigitsFlowModule(DigitsDiffusionModule):
         self._loss_avg: Optional[float] = None
         self._train_seconds: Optional[float] = None
         self._t0: Optional[float] = None
+
+    def setup(self, stage: str) -> None:
+        # Part of the recipe: float reductions depend on the thread count, so bit-identical
+        # retraining needs a fixed one; one thread also keeps a shared CPU from stalling (two
+        # intra-op threads time-sliced against other jobs ran >10x slower per step here).
+        if self.hparams.torch_threads is not None:
+            torch.set_num_threads(int(self.hparams.torch_threads))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         hp = self.hparams
