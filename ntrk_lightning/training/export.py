@@ -144,7 +144,7 @@ def rebuild_markdown(export_dir: Path) -> Path:
             lines.append("| metric | value |\n|---|---|")
             lines.extend(f"| {k} | {_fmt(v)} |" for k, v in card["quality"].items())
             lines.append("")
-        for key in ("retrain_check",):
+        for key in ("retrain_check", "notes"):
             if key in card:
                 lines.append(f"**{key}**\n")
                 lines.extend(f"- {k}: {_fmt(v)}" for k, v in card[key].items())
