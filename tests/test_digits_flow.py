@@ -72,9 +72,10 @@ def test_shipped_flow_model_is_small_loads_offline_and_speaks_the_flow_interface
 def test_network_predicts_the_velocity_of_held_out_digits(flow_model):
     """On the 359 test digits (never seen in training), the exported network's prediction of
     v = eps - x0 at x_s = (1 - s) x0 + s eps, t = 1000 s, explains most of the target's variance
-    at every noise level: the mean squared error stays well below what the best input-free
-    predictor (the target's variance, about 1 + Var(x0)) achieves. A flipped sign, a timestep
-    scale off by 1000 or swapped roles of x0 and eps all fail this by a wide margin."""
+    at every noise level: the mean squared error is under 30% of the target's variance (what the
+    best input-free predictor achieves; the shipped model: 8-15%). Measured while writing this
+    test: a flipped sign or swapped roles of x0 and eps give ~400%, timesteps s instead of
+    1000 s give 48-80%."""
     model, _ = flow_model
     x0 = real_images(16, "test")[0] * 2 - 1
     g = torch.Generator().manual_seed(0)
@@ -90,7 +91,7 @@ def test_network_predicts_the_velocity_of_held_out_digits(flow_model):
             errs.append(((v - target) ** 2).mean())
             var.append(target.var())
         rel = float(torch.stack(errs).mean() / torch.stack(var).mean())
-        assert rel < 0.5, (lo, hi, rel)
+        assert rel < 0.3, (lo, hi, rel)
 
 
 def test_time_sampling_distributions():

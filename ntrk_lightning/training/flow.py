@@ -44,12 +44,12 @@ class DigitsFlowModule(DigitsDiffusionModule):
     labels ignored: the model is unconditional).
 
     Loss: MSE between the UNet output at ``(x_s, s * num_train_timesteps)`` and ``eps - x0``.
-    Noise levels: ``time_sampling="uniform"`` by default. Why uniform rather than SD3's
-    logit-normal: the 25-step sampler (shift 1) evaluates the velocity at sigmas spaced evenly over
-    [0.001, 1], so a uniform training density spends capacity where sampling asks for it; a
-    logit-normal density (mean 0, std 1) puts ~0.2% of the draws below s = 0.05 (uniform: 5%),
-    where the last steps of every 25-step sampler land and where NTRK's reward reads its x0
-    estimate. ``logit_normal`` (with ``logit_mean``/``logit_std``) is available for comparison.
+    Noise levels: ``time_sampling="logit_normal"`` by default (SD3's choice: s = sigmoid(z),
+    z ~ N(0, 1), which concentrates training on mid-range s, where the digit's shape is decided;
+    near s = 0 a velocity error enters the x0 estimate x_s - s v scaled down by s). Measured
+    on this model with the shipped recipe (2000 steps of 64, FID ratio of 1000 plain 25-step
+    samples, eta = 1): uniform s gives 1.61, logit-normal 1.44 (numbers in the model card).
+    ``uniform`` (the plain rectified-flow objective) remains available.
 
     Optimiser, warm-up/cosine schedule, EMA (``ema_unet``, exported) and the export/card machinery
     are those of :class:`DigitsDiffusionModule`; the export writes
@@ -73,7 +73,7 @@ class DigitsFlowModule(DigitsDiffusionModule):
         dropout: float = 0.0,
         num_train_timesteps: int = 1000,
         shift: float = 1.0,
-        time_sampling: TimeSampling = "uniform",
+        time_sampling: TimeSampling = "logit_normal",
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         lr: float = 1e-3,
