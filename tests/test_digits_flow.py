@@ -69,6 +69,7 @@ def test_shipped_flow_model_is_small_loads_offline_and_speaks_the_flow_interface
     assert load_config()["prediction_type"] == "flow_velocity"
 
 
+@pytest.mark.slow
 def test_network_predicts_the_velocity_of_held_out_digits(flow_model):
     """On the 359 test digits (never seen in training), the exported network's prediction of
     v = eps - x0 at x_s = (1 - s) x0 + s eps, t = 1000 s, explains most of the target's variance
