@@ -397,39 +397,59 @@ def wgnc_moduli(a: Tensor) -> Tensor:
     m = _wgnc_kkt(a, b, l1, rho)
     bad = torch.isnan(m).any(-1)
     if bad.any():
-        # ties (e.g. a zero or constant block) make the nearest point non-unique: break them with
-        # a tiny deterministic ramp in the order of a (stable), pointing at the same moduli pattern
+        # Ties make the nearest point non-unique (a constant block, the zero block included, is
+        # equally far from every feasible point): break them with a tiny deterministic ramp in
+        # the (stable) order of a, which picks the feasible point closest to that ramp.
         ab = a[bad]
-        rank = ab.argsort(-1, stable=True).argsort(-1).double()
-        ramp = (rank + 1.0) / b
-        scale = ab.mean(-1, keepdim=True).clamp_min(1.0)
-        m[bad] = _wgnc_kkt(ab + 1e-6 * scale * ramp, b, l1, rho)
+        rank = ab.argsort(dim=-1, stable=True).argsort(dim=-1).double()
+        scale = ab.abs().amax(-1, keepdim=True).clamp_min(1.0)
+        m[bad] = _wgnc_kkt(ab + 1e-6 * scale * (rank + 1.0) / b, b, l1, rho)
     return m
 
 
 def _wgnc_kkt(a: Tensor, b: int, l1: float, rho: float) -> Tensor:
-    """All KKT candidates m = kappa (a - tau)_+ with support = top-k; the nearest valid one
-    (NaN rows where none is valid)."""
+    """The KKT points m = kappa (a - tau)_+ whose support is the top-k of a, for every k; the
+    nearest valid one (NaN rows where none is valid: ties)."""
     srt, _ = a.sort(-1, descending=True)
+    center = srt.mean(-1, keepdim=True)               # centred sums: no cancellation in the variance
+    c = srt - center
     k = torch.arange(1, b + 1, dtype=a.dtype, device=a.device)
-    s1, s2 = srt.cumsum(-1), (srt * srt).cumsum(-1)
-    mu = s1 / k
-    var = (s2 / k - mu * mu).clamp_min(0.0)
-    sig = var.sqrt()
+    mu_c = c.cumsum(-1) / k
+    sig = ((c * c).cumsum(-1) / k - mu_c * mu_c).clamp_min(0.0).sqrt()
     ok_k = k > rho
-    tau = mu - sig * torch.sqrt(torch.where(ok_k, rho / (k - rho).clamp_min(1e-12), torch.zeros_like(k)))
-    kappa = l1 / (s1 - k * tau)
+    gap = sig * torch.sqrt(torch.where(ok_k, rho / (k - rho).clamp_min(1e-12), torch.zeros_like(k)))  # mu - tau
+    tau = center + mu_c - gap
+    kappa = l1 / (k * gap).clamp_min(1e-300)
     nxt = torch.cat([srt[..., 1:], torch.full_like(srt[..., :1], -math.inf)], -1)
-    tol = 1e-12 * srt[..., :1].clamp_min(1e-300)
-    valid = ok_k & (sig > tol) & (srt >= tau) & (nxt <= tau + tol)
-    dist = ((kappa - 1) ** 2 * s2 - 2 * (kappa - 1) * kappa * tau * s1 + k * kappa ** 2 * tau ** 2
-            + (s2[..., -1:] - s2))
+    tol = 1e-12 * srt[..., :1].abs().clamp_min(1e-300)
+    valid = ok_k & (gap > tol) & (srt >= tau - tol) & (nxt <= tau + tol)
+    # distance of every candidate, computed directly (b x b per block; b is small)
+    cand = kappa.unsqueeze(-1) * (srt.unsqueeze(-2) - tau.unsqueeze(-1)).clamp_min(0.0)   # (..., k, i)
+    in_support = torch.arange(b, device=a.device)[None, :] < torch.arange(1, b + 1, device=a.device)[:, None]
+    cand = torch.where(in_support, cand, torch.zeros_like(cand))
+    dist = (cand - srt.unsqueeze(-2)).pow(2).sum(-1)
     dist = torch.where(valid, dist, torch.full_like(dist, math.inf))
     best = dist.argmin(-1, keepdim=True)
-    tau_b, kap_b = tau.gather(-1, best), kappa.gather(-1, best)
-    m = kap_b * (a - tau_b).clamp_min(0.0)
+    k_b = (best + 1).to(a.dtype)
+    # On the support the solution is the affine map of a with mean l1/k and the variance b/k - (l1/k)^2
+    # (equal to kappa (a - tau), but free of kappa ~ 1/gap, which is huge for near-tied blocks).
+    rank = a.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1).to(a.dtype)
+    support = rank < k_b
+    m = _affine_on_support(a - center, support, k_b, l1, b)
+    m = _affine_on_support(m, support, k_b, l1, b)  # polish: the constraints then hold to rounding
     none = ~valid.any(-1, keepdim=True)
     return torch.where(none, torch.full_like(m, math.nan), m)
+
+
+def _affine_on_support(x: Tensor, support: Tensor, k: Tensor, l1: float, b: int) -> Tensor:
+    """The affine increasing image of x on ``support`` (k entries) with sum l1 and sum of squares b;
+    zero elsewhere."""
+    xs = torch.where(support, x, torch.zeros_like(x))
+    mean = xs.sum(-1, keepdim=True) / k
+    dev = torch.where(support, x - mean, torch.zeros_like(x))
+    sd = (dev.pow(2).sum(-1, keepdim=True) / k).sqrt()
+    target_sd = (b / k - (l1 / k) ** 2).clamp_min(0.0).sqrt()
+    return torch.where(support, l1 / k + target_sd * dev / sd.clamp_min(1e-300), torch.zeros_like(x))
 
 
 def _wgnc(v: Tensor, block: int) -> Tensor:
