@@ -301,18 +301,30 @@ def _tables_on(shape: tuple[int, int, int], tile: int, alpha: float, n_domains: 
                          tb.global_lo, tb.global_hi, mv(tb.dct_h), mv(tb.dct_w))
 
 
-def project_2os(y: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """Euclidean projection of tiles y (..., m, d) onto {L <= Z(y) <= U}: sort, clip, unsort."""
-    return _project_2os_t(y, lo.transpose(-1, -2).contiguous(), hi.transpose(-1, -2).contiguous())
+def project_2os(y: Tensor, lo: Tensor, hi: Tensor, max_rounds: int = 32) -> Tensor:
+    """Projection of tiles y (..., m, d) onto C = {L <= Z(y) <= U}: sort, clip, unsort — repeated
+    until Z(y) lies in the bands (at most ``max_rounds`` times; see the module docstring)."""
+    return _project_2os_t(y, lo.transpose(-1, -2).contiguous(), hi.transpose(-1, -2).contiguous(), max_rounds)
 
 
-def _project_2os_t(y: Tensor, lo_t: Tensor, hi_t: Tensor) -> Tensor:
+def _project_2os_t(y: Tensor, lo_t: Tensor, hi_t: Tensor, max_rounds: int = 32) -> Tensor:
     """project_2os with the bands given transposed, (d, m)."""
-    s, i_row = y.sort(dim=-1)
-    # the column sort runs on the transpose: contiguous short rows sort faster than strided columns
-    zt, i_col = s.transpose(-1, -2).contiguous().sort(dim=-1)
-    s_back = torch.empty_like(zt).scatter_(-1, i_col, zt.clamp(lo_t, hi_t)).transpose(-1, -2)
-    return torch.empty_like(y).scatter_(-1, i_row, s_back)
+    for _ in range(max_rounds):
+        s, i_row = y.sort(dim=-1)
+        # the column sort runs on the transpose: contiguous short rows sort faster than strided columns
+        zt, i_col = s.transpose(-1, -2).contiguous().sort(dim=-1)
+        zc = zt.clamp(lo_t, hi_t)
+        if torch.equal(zc, zt):  # y is in C: nothing to do (also makes the projection idempotent)
+            break
+        s_back = torch.empty_like(zt).scatter_(-1, i_col, zc).transpose(-1, -2)
+        y = torch.empty_like(y).scatter_(-1, i_row, s_back)
+    return y
+
+
+def lower_bound_2os(y: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """||Z(y) - clip(Z(y))||^2 (per leading index): no point of C is nearer to y than this."""
+    z = y.sort(dim=-1)[0].sort(dim=-2)[0]
+    return (z - torch.minimum(torch.maximum(z, lo), hi)).pow(2).sum((-1, -2))
 
 
 def project_sorted(s: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
