@@ -21,11 +21,14 @@ Hence P(Z[r, j] < L[r, j]) = alpha'/2 exactly for
 
 (Q_{a,b} the Beta quantile function; the upper band follows from the symmetry x -> -x, which
 avoids quantiles of probabilities near 1). The projection clips Z into [L, U] and undoes both
-sorts. Both bands increase in r and j, so clipping keeps Z's rows and columns sorted and
-sort-clip-unsort returns a nearest point of C = {Y : L <= Z(Y) <= U}: by the rearrangement
-inequality ||X - Y|| >= ||Z(X) - Z(Y)|| for every Y, and Z(Y) lies in the box [L, U]. (C is a
-union of convex cells, one per ordering, so it is not convex; within the cell of the projected
-point the projection is the convex one.)
+sorts. By the rearrangement inequality ||X - Y|| >= ||Z(X) - Z(Y)|| >= ||Z(X) - clip(Z(X))|| for
+every Y in C = {Y : L <= Z(Y) <= U}, and sort-clip-unsort attains this bound whenever the unsorted
+result keeps every tile's order: then it is the Euclidean projection (always so with one tile).
+With several tiles, clipping columns can break a tile's order (a tile ranked high in column j but
+low in column j+1 gets L[r, j] > U[r', j+1]); the result then is not in C. We therefore repeat
+sort-clip-unsort until Z lies in the bands (measured: <= 16 rounds; the distance stays within 5%
+of the lower bound on structured input, see ``lower_bound_2os``). C is permutation invariant and
+a union of convex cells (one per ordering), not convex.
 
 W applies, in every domain named in ``domains`` (orthonormal transforms, so N(0, I) stays
 N(0, I)):
@@ -41,11 +44,11 @@ N(0, I)):
    (upper via the survival function); the projection rescales each tile to its clipped norm (a
    zero tile becomes a constant tile of that norm).
 
-Before that, once, the global norm is clipped into the chi^2_N band (so the input's scale does
-not matter once it is atypical). Domains: ``"space"`` (the input itself) and ``"dct"`` (the
+Before that, once, the global norm is clipped into the chi^2_N band (an atypical scale, e.g. a
+raw reward gradient, is mapped into the band first). Domains: ``"space"`` (the input itself) and ``"dct"`` (the
 orthonormal DCT-II over H and W per channel, over D for vectors: real, any size, and its square
 tiles are frequency bands). One sweep = for each domain in order: entries, means, norms; W runs
-``TYPICAL_SWEEPS`` sweeps. The per-constraint level alpha' = alpha / K with K = the number of
+``sweeps`` sweeps (default ``TYPICAL_SWEEPS``). The per-constraint level alpha' = alpha / K with K = the number of
 band constraints (1 + per domain N entries + 2 per tile): by the union bound, N(0, I) lands in
 the intersection of all sets with probability >= 1 - alpha (Bonferroni; conservative, since the
 order statistics are strongly dependent).
@@ -134,16 +137,21 @@ def _check_options(tile: Optional[int], domains: Optional[tuple[str, ...]], alph
 
 
 def whiten(v: Tensor, kind: str = "typical", block: int = 1, *, tile: Optional[int] = None,
-           domains: Optional[tuple[str, ...]] = None, alpha: float = 1e-4) -> Tensor:
+           domains: Optional[tuple[str, ...]] = None, alpha: float = 1e-4, sweeps: Optional[int] = None) -> Tensor:
     """Whiten ``v`` of shape (B, C, H, W) or (B, D), per sample. Returns a tensor of the same shape
     and dtype (float16/bfloat16 are computed in float32). See the module docstring for the kinds.
 
     ``block``: tile size (spectral), ring width (radial), coefficients per block (wgnc; < 2 means
     16). ``tile``, ``domains``, ``alpha``: the typical operator's tile side (default 8), transform
     domains in order of application (default ("space", "dct")) and confidence level 1 - alpha of
-    the whole set under N(0, I). Options a kind does not use are validated and ignored."""
+    the whole set under N(0, I); ``sweeps``: how often the composition runs (default 2). Options a
+    kind does not use are validated and ignored."""
     kind = canonical_kind(kind)
     tile, domains = _check_options(tile, domains, alpha)
+    if sweeps is None:
+        sweeps = TYPICAL_SWEEPS
+    if isinstance(sweeps, bool) or int(sweeps) != sweeps or int(sweeps) < 1:
+        raise ValueError(f"whitening sweeps must be an integer >= 1, got {sweeps!r}")
     if v.dim() not in (2, 4):
         raise ValueError(f"whiten expects (B, C, H, W) or (B, D), got shape {tuple(v.shape)}")
     if int(block) < 1:
@@ -155,7 +163,8 @@ def whiten(v: Tensor, kind: str = "typical", block: int = 1, *, tile: Optional[i
     # FFTs need float32/float64 (CPU half FFTs are unsupported); cast back at the end.
     work = v if v.dtype in (torch.float32, torch.float64) else v.float()
     if kind == "typical":
-        out = _typical(work.view(v.shape[0], 1, 1, -1) if v.dim() == 2 else work, tile, domains, float(alpha)).view_as(v)
+        out = _typical(work.view(v.shape[0], 1, 1, -1) if v.dim() == 2 else work, tile, domains, float(alpha),
+                       int(sweeps)).view_as(v)
     elif kind == "wgnc":
         out = _wgnc(work.view(v.shape[0], 1, 1, -1) if v.dim() == 2 else work,
                     WGNC_BLOCK if int(block) < 2 else int(block)).view_as(v)
@@ -372,12 +381,12 @@ def project_global_norm(flat: Tensor, lo: float, hi: float) -> Tensor:
     return torch.where(zero, torch.full_like(flat, lo / math.sqrt(flat.shape[1])), out)
 
 
-def _typical(v: Tensor, tile: int, domains: tuple[str, ...], alpha: float) -> Tensor:
+def _typical(v: Tensor, tile: int, domains: tuple[str, ...], alpha: float, sweeps: int) -> Tensor:
     b, c, h, w = v.shape
     tb = _tables_on((c, h, w), tile, alpha, len(domains), v.device, v.dtype)
     perm, inv = tb.perm, tb.inv_perm
     x = project_global_norm(v.reshape(b, -1), tb.global_lo, tb.global_hi).view(b, c, h, w)
-    for _ in range(TYPICAL_SWEEPS):
+    for _ in range(sweeps):
         for dom in domains:
             y = tb.dct_h @ x @ tb.dct_w.T if dom == "dct" else x
             y = _project_tiles(y.reshape(b, -1)[:, perm], tb)[:, inv].view(b, c, h, w)
