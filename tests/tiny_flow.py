@@ -152,3 +152,47 @@ def tiny_flow_assets() -> TinyFlowAssets:
 
 def model_index(folder: Path) -> dict:
     return json.loads((folder / "model_index.json").read_text())
+
+
+# ---- ImageReward ------------------------------------------------------------------------------
+
+#: a tiny ImageReward architecture (fields of rewards.image_reward.ImageRewardArch)
+TINY_IMAGE_REWARD_ARCH = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=4,
+                              text_vocab_size=64, text_width=24, text_layers=2, text_heads=3, text_intermediate=48,
+                              text_max_positions=40, head_dims=(24, 32, 16, 8, 4, 1))
+
+_BERT_WORDS = "a an the of photo cat dog horse fox wolf red blue green big small painting on in with and".split()
+
+
+def bert_tokenizer():
+    """A transformers ``BertTokenizer`` (uncased WordPiece) with BERT's special tokens and a small
+    vocabulary of whole words and single letters (##-continuations) — ids below 64."""
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + _BERT_WORDS
+    words += [c for c in "bcdeghijklmnopqstuvxyz"] + ["##" + c for c in "aeiorstn"]
+    return BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+
+
+def make_tiny_image_reward(folder: Path, seed: int = 0, scale: float = 1.0) -> tuple[Path, Path]:
+    """``ImageReward-tiny.pt`` (a state dict in the release's key layout, with its unused BLIP
+    projections and position ids) and a BERT tokenizer folder, in ``folder``."""
+    from rewards.image_reward import ImageRewardArch, ImageRewardModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    arch = ImageRewardArch.from_dict(TINY_IMAGE_REWARD_ARCH)
+    torch.manual_seed(seed)
+    model = ImageRewardModel(arch)
+    with torch.no_grad():  # zero-initialised class/position tokens would hide position bugs
+        for name, p in model.named_parameters():
+            if p.ndim >= 2 or "token" in name or "pos" in name:
+                p.copy_(torch.randn_like(p) * (scale / max(1, p.shape[-1]) ** 0.5))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["blip.vision_proj.weight"] = torch.randn(8, arch.vision_width)
+    state["blip.text_proj.weight"] = torch.randn(8, arch.text_width)
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(arch.text_max_positions)[None]
+    ckpt = folder / "ImageReward-tiny.pt"
+    torch.save(state, str(ckpt))
+    tok_dir = folder / "bert-tokenizer"
+    bert_tokenizer().save_pretrained(str(tok_dir))
+    return ckpt, tok_dir
