@@ -396,6 +396,12 @@ class SD3Backbone(FlowMatchingBackbone):
         self.guidance_scale = float(guidance_scale)
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        max_grid = self.transformer_config.get("pos_embed_max_size")
+        if max_grid:  # SD3 crops a fixed grid of position embeddings: larger images cannot run
+            limit = int(max_grid) * self._latent_multiple * self.vae_scale_factor
+            for what, v in (("height", self.height), ("width", self.width)):
+                if v > limit:
+                    raise ValueError(f"{what} {v} exceeds what the transformer's position embedding covers ({limit})")
         self.negative_prompt = negative_prompt
         self.joint_attention_dim = int(self.transformer_config.get("joint_attention_dim", 4096))
         self.text_encoder: Optional[nn.Module] = None
