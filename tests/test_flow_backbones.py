@@ -546,3 +546,27 @@ def test_ntrk_raises_the_aesthetic_reward_over_plain(which, reward_files, reques
     assert float(d.mean()) > 8 * se and float(d.mean()) > 0.02
     assert (d > 0).float().mean() > 0.8
     assert ntrk.images.shape == (n, 3, 32, 32) and torch.isfinite(ntrk.images).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["flux", "sd3"])
+def test_flow_step_time_benchmark_runs_tiny_on_cpu(which, tmp_path):
+    import importlib.util
+
+    from pipeline_utils import REPO
+
+    spec = importlib.util.spec_from_file_location("flow_step_time", REPO / "benchmarks" / "flow_step_time.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    result = mod.main(["--model", which, "--tiny", "--device", "cpu", "--batch", "2", "--steps", "2", "--warmup", "0",
+                       "--repeats", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / f"flow_step_time_{which}_cpu-tiny.json").read_text())
+    md = (tmp_path / f"flow_step_time_{which}_cpu-tiny.md").read_text()
+    assert data == json.loads(json.dumps(result))
+    assert set(data["samplers"]) == {"plain", "dps", "ntrk"} and "no GPU" in data["device"]
+    for name, r in data["samplers"].items():
+        assert r["ms_per_step"] > 0 and r["peak_memory_bytes"] is None and f"| {name} |" in md
+        assert r["nfe_per_sample"] == 2
+        assert r["grad_evals_per_sample"] == (0 if name == "plain" else 1)
+    assert data["config"]["latent_shape"] == [16, 8, 8] and data["config"]["model"] == which
+    assert not list(tmp_path.glob("*.tmp"))
