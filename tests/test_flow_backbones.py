@@ -403,6 +403,17 @@ def test_bfloat16_autocast_runs_and_returns_float32(which, assets, request):
     assert auto.compute_dtype(torch.device("cpu")) == torch.float32
     with pytest.raises(ValueError, match="weights stored in bfloat16 must run in bfloat16"):
         SD3Backbone(str(assets.sd3), weights_dtype="bfloat16", dtype="float32")
+    # bfloat16 storage: transformer and every text encoder in bfloat16, the VAE in float32
+    kw = dict(weights_dtype="bfloat16", max_sequence_length=T5_MAX_LENGTH)
+    half = SD3Backbone(str(assets.sd3), **kw) if which == "sd3" else FluxBackbone(str(assets.flux), height=32,
+                                                                                   width=32, **kw)
+    half.load()
+    encoders = [half.text_encoder, half.text_encoder_2] + ([half.text_encoder_3] if which == "sd3" else [])
+    assert {next(m.parameters()).dtype for m in [half.transformer, *encoders]} == {torch.bfloat16}
+    assert next(half.vae.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        v = half.velocity_net(x, t, half.conditioning(PROMPTS)[0] if which == "sd3" else half.conditioning(PROMPTS))
+    assert v.dtype == torch.float32 and (v - v32).norm() / v32.norm() < 0.05
 
 
 # ---- sampling through the core and `ntrk predict` end to end --------------------------------------

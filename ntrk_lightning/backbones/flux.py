@@ -26,7 +26,7 @@ What differs from SD3 (:mod:`ntrk_lightning.backbones.sd3`, which has the shared
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -187,8 +187,8 @@ class FluxBackbone(FlowMatchingBackbone):
     def _load_text(self) -> None:
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-        self.text_encoder = self._from_pretrained(CLIPTextModel, "text_encoder")
-        self.text_encoder_2 = self._from_pretrained(T5EncoderModel, "text_encoder_2")
+        self.text_encoder = self._text_encoder(CLIPTextModel, "text_encoder")
+        self.text_encoder_2 = self._text_encoder(T5EncoderModel, "text_encoder_2")
         self.tokenizer = self._load_tokenizer("tokenizer")
         self.tokenizer_2 = self._load_tokenizer("tokenizer_2", AutoTokenizer)
         checks = (("pooled_projection_dim", self.text_encoder.config.hidden_size, "CLIP pooled"),
@@ -198,9 +198,6 @@ class FluxBackbone(FlowMatchingBackbone):
             if int(got) != expected:
                 raise ValueError(f"{self.folder}: the transformer expects {expected}-d {what} embeddings but the "
                                  f"text encoder gives {got}; the folder mixes components of different models")
-
-    def _text_encoders(self) -> list[nn.Module]:
-        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
     def _velocity_net(self) -> nn.Module:
         g = self.guidance_scale if bool(self.transformer.config.guidance_embeds) else None

@@ -40,14 +40,13 @@ pass of the reward gradient.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ntrk_lightning.backbones.base import Backbone, check_prompts
-from ntrk_lightning.backbones.stable_diffusion import (_DTYPES, DTypeName, _cast, _dtype_or_auto, _index, _read_json,
+from ntrk_lightning.backbones.stable_diffusion import (_DTYPES, DTypeName, _dtype_or_auto, _index, _read_json,
                                                         _stack, check_pipeline_folder, compute_context, load_component,
                                                         load_tokenizer, resolve_model_folder, upcast, vae_decode)
 from ntrk_lightning.denoiser import ClassifierFreeGuidance, DiffusionModel
@@ -177,9 +176,6 @@ class FlowMatchingBackbone(Backbone):
     def _velocity_net(self) -> nn.Module:
         raise NotImplementedError
 
-    def _text_encoders(self) -> list[nn.Module]:
-        raise NotImplementedError
-
     # ---- precision ---------------------------------------------------------------------------
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype_name != "auto":
@@ -200,6 +196,11 @@ class FlowMatchingBackbone(Backbone):
     def _from_pretrained(self, cls: Any, sub: str, **kw: Any) -> nn.Module:
         return load_component(cls, self.folder, sub, self.variant, **kw)
 
+    def _text_encoder(self, cls: Any, sub: str) -> nn.Module:
+        """A transformers text encoder stored in ``weights_dtype`` (read in that type: T5-XXL is
+        19 GB in float32)."""
+        return self._from_pretrained(cls, sub, dtype=_DTYPES[self.weights_dtype_name])
+
     def _load_tokenizer(self, sub: str, cls: Any = None) -> Any:
         return load_tokenizer(self.folder / sub, cls)
 
@@ -217,8 +218,6 @@ class FlowMatchingBackbone(Backbone):
                              f"channels but the VAE gives {self.vae.config.latent_channels} latent channels; the "
                              "folder mixes components of different models")
         self._load_text()
-        for enc in self._text_encoders():
-            _cast(enc, w)
         if self.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing(self._checkpoint)
             self.vae.enable_gradient_checkpointing(self._checkpoint)
@@ -431,21 +430,18 @@ class SD3Backbone(FlowMatchingBackbone):
     def _load_text(self) -> None:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-        self.text_encoder = self._from_pretrained(CLIPTextModelWithProjection, "text_encoder")
-        self.text_encoder_2 = self._from_pretrained(CLIPTextModelWithProjection, "text_encoder_2")
+        self.text_encoder = self._text_encoder(CLIPTextModelWithProjection, "text_encoder")
+        self.text_encoder_2 = self._text_encoder(CLIPTextModelWithProjection, "text_encoder_2")
         self.tokenizer = self._load_tokenizer("tokenizer")
         self.tokenizer_2 = self._load_tokenizer("tokenizer_2")
         if self.use_t5:
-            self.text_encoder_3 = self._from_pretrained(T5EncoderModel, "text_encoder_3")
+            self.text_encoder_3 = self._text_encoder(T5EncoderModel, "text_encoder_3")
             self.tokenizer_3 = self._load_tokenizer("tokenizer_3", AutoTokenizer)
         pooled = int(self.text_encoder.config.projection_dim) + int(self.text_encoder_2.config.projection_dim)
         expected = int(self.transformer.config.pooled_projection_dim)
         if pooled != expected:
             raise ValueError(f"{self.folder}: the transformer expects {expected}-d pooled text embeddings but the two "
                              f"CLIP encoders give {pooled}; the folder mixes components of different models")
-
-    def _text_encoders(self) -> list[nn.Module]:
-        return [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
 
     def _velocity_net(self) -> nn.Module:
         return SD3Velocity(self.transformer, self.compute_dtype)

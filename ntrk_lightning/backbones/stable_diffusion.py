@@ -174,6 +174,12 @@ def load_component(cls: Any, folder: Path, sub: str, variant: Optional[str] = No
         msg = " ".join(str(e).split())[:400]
         raise ValueError(f"cannot load {sub} from {own_folder if own_folder is not None else folder / sub}: "
                          f"{type(e).__name__}: {msg}") from None
+    want = kw.get("torch_dtype", kw.get("dtype"))
+    if want is not None and not getattr(m, "_keep_in_fp32_modules", None):
+        # diffusers 0.42 without `accelerate` leaves some models (SD3's transformer) in float32
+        # despite torch_dtype; the storage type is what weights_dtype promises
+        if any(p.dtype != want for p in m.parameters() if p.is_floating_point()):
+            m = m.to(want)
     return m.eval()
 
 
