@@ -120,7 +120,7 @@ class FluxVelocity(nn.Module):
             guidance = torch.full((b,), float(self.guidance_scale), device=x.device, dtype=torch.float32)
         with compute_context(x.device, self.compute_dtype(x.device)):
             out = self.transformer(
-                hidden_states=pack_latents(x).to(p.dtype), timestep=(t.float() / 1000.0).to(p.dtype),
+                hidden_states=pack_latents(x).to(p.dtype), timestep=t.float() / 1000.0,  # float32, as the pipeline
                 guidance=guidance, pooled_projections=cond["pooled"].to(p.dtype),
                 encoder_hidden_states=emb.to(p.dtype),
                 txt_ids=torch.zeros(emb.shape[1], 3, device=x.device, dtype=p.dtype),

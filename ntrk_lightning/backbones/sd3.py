@@ -335,7 +335,8 @@ class SD3Velocity(nn.Module):
             t = t.expand(x.shape[0])
         w = next(self.transformer.parameters())
         with compute_context(x.device, self.compute_dtype(x.device)):
-            out = self.transformer(hidden_states=x.to(w.dtype), timestep=t.to(w.dtype),
+            # the timestep stays float32 (as the pipeline passes it): bfloat16 would round 900.4 to 900
+            out = self.transformer(hidden_states=x.to(w.dtype), timestep=t.float(),
                                    encoder_hidden_states=cond["prompt_embeds"].to(w.dtype),
                                    pooled_projections=cond["pooled"].to(w.dtype), return_dict=False)[0]
         return upcast(out)
