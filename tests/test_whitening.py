@@ -280,16 +280,19 @@ def test_2os_variational_inequality(m, d, alpha_entry):
     and (ii) at the operating level, for x ~ N(0, I) and y = projections of other Gaussian draws.
     (Across cells it fails: C is a union of convex cells, not convex.)"""
     lo, hi = _bands(m, d, alpha_entry)
+    checked = 0
     for x in _cases(m, d, seed=5).values():
         p = project_2os(x, lo, hi)
         zy = _z(project_2os(torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 2, lo, hi))
         s, i_row = x.sort(-1)
         _, i_col = s.sort(-2)
         y = torch.empty_like(x).scatter_(-1, i_row, torch.empty_like(x).scatter_(-2, i_col, zy))
-        one_round = project_2os(x, lo, hi, max_rounds=1)
-        done = torch.equal(one_round, p)  # the cell argument needs the one-pass projection
-        if done:
-            assert ((x - p) * (y - p)).sum((-1, -2)).max() <= 1e-9
+        # the cell argument holds for samples whose first sort-clip-unsort already landed in C
+        one_pass = (project_2os(x, lo, hi, max_rounds=1) == p).flatten(1).all(1)
+        vi = ((x - p) * (y - p)).sum((-1, -2))
+        assert vi[one_pass].max() <= 1e-9 if one_pass.any() else True
+        checked += int(((x - p).abs().flatten(1).amax(1) > 0)[one_pass].sum())
+    assert checked >= (100 if alpha_entry > 0.1 else 3)  # moved points were checked (measured 130 and 5)
     x = torch.randn(40, 8, 16, 64, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     tb = typical_tables((8, 64, 64), 4, 1e-4, 2)  # the per-entry level of a 8x64x64 latent
     lo, hi = _bands(64, 64, tb.alpha_entry)
