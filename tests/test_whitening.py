@@ -246,7 +246,7 @@ def _cases(m, d, seed):
             "tiny": 1e-3 * gauss}
 
 
-@pytest.mark.parametrize("m,d,alpha_entry", [(6, 5, 0.3), (64, 16, 1e-8), (16, 16, 1e-2)])
+@pytest.mark.parametrize("m,d,alpha_entry", [(6, 5, 0.3), pytest.param(64, 16, 1e-8, marks=pytest.mark.slow), (16, 16, 1e-2)])
 def test_2os_projection_is_idempotent_in_the_set_and_nearest(m, d, alpha_entry):
     """P(x) lies in C = {L <= Z <= U}, P(P(x)) = P(x), and no point of C is nearer to x:
     ||x - P(x)|| <= ||x - y|| for y = projections of other draws and their permutations within
