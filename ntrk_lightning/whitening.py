@@ -88,6 +88,7 @@ output real.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Optional
@@ -119,7 +120,7 @@ def canonical_kind(kind: str) -> str:
 
 
 def _check_options(tile: Optional[int], domains: Optional[tuple[str, ...]], alpha: float) -> tuple[int, tuple[str, ...]]:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0.0 < alpha < 1.0:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or not 0.0 < alpha < 1.0:
         raise ValueError(f"whitening alpha must be a finite number in (0, 1), got {alpha!r}")
     if tile is None:
         tile = DEFAULT_TILE
@@ -163,11 +164,11 @@ def whiten(v: Tensor, kind: str = "typical", block: int = 1, *, tile: Optional[i
     # FFTs need float32/float64 (CPU half FFTs are unsupported); cast back at the end.
     work = v if v.dtype in (torch.float32, torch.float64) else v.float()
     if kind == "typical":
-        out = _typical(work.view(v.shape[0], 1, 1, -1) if v.dim() == 2 else work, tile, domains, float(alpha),
-                       int(sweeps)).view_as(v)
+        out = _typical(work.reshape(v.shape[0], 1, 1, -1) if v.dim() == 2 else work, tile, domains, float(alpha),
+                       int(sweeps)).reshape(v.shape)
     elif kind == "wgnc":
-        out = _wgnc(work.view(v.shape[0], 1, 1, -1) if v.dim() == 2 else work,
-                    WGNC_BLOCK if int(block) < 2 else int(block)).view_as(v)
+        out = _wgnc(work.reshape(v.shape[0], 1, 1, -1) if v.dim() == 2 else work,
+                    WGNC_BLOCK if int(block) < 2 else int(block)).reshape(v.shape)
     elif kind == "sphere":
         out = _sphere(work)
     elif kind == "standardize":
