@@ -144,7 +144,7 @@ def test_white_noise_stays_statistically_white_gaussian(kind, block):
 
 from ntrk_lightning.whitening import (  # noqa: E402
     lower_bound_2os, norm_bands, order_stat_bands, project_2os, project_global_norm, project_means,
-    project_norms, project_sorted, tile_layout, typical_tables, wgnc_layout, wgnc_moduli)
+    project_norms, project_sorted, tile_layout, typical_tables, wgnc_moduli)
 
 
 def _cos(a, b):
