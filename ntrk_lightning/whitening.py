@@ -88,6 +88,7 @@ output real.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Optional
@@ -119,7 +120,7 @@ def canonical_kind(kind: str) -> str:
 
 
 def _check_options(tile: Optional[int], domains: Optional[tuple[str, ...]], alpha: float) -> tuple[int, tuple[str, ...]]:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0.0 < alpha < 1.0:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or not 0.0 < alpha < 1.0:
         raise ValueError(f"whitening alpha must be a finite number in (0, 1), got {alpha!r}")
     if tile is None:
         tile = DEFAULT_TILE
@@ -163,11 +164,11 @@ def whiten(v: Tensor, kind: str = "typical", block: int = 1, *, tile: Optional[i
     # FFTs need float32/float64 (CPU half FFTs are unsupported); cast back at the end.
     work = v if v.dtype in (torch.float32, torch.float64) else v.float()
     if kind == "typical":
-        out = _typical(work.view(v.shape[0], 1, 1, -1) if v.dim() == 2 else work, tile, domains, float(alpha),
-                       int(sweeps)).view_as(v)
+        out = _typical(work.reshape(v.shape[0], 1, 1, -1) if v.dim() == 2 else work, tile, domains, float(alpha),
+                       int(sweeps)).reshape(v.shape)
     elif kind == "wgnc":
-        out = _wgnc(work.view(v.shape[0], 1, 1, -1) if v.dim() == 2 else work,
-                    WGNC_BLOCK if int(block) < 2 else int(block)).view_as(v)
+        out = _wgnc(work.reshape(v.shape[0], 1, 1, -1) if v.dim() == 2 else work,
+                    WGNC_BLOCK if int(block) < 2 else int(block)).reshape(v.shape)
     elif kind == "sphere":
         out = _sphere(work)
     elif kind == "standardize":
@@ -313,11 +314,12 @@ def _tables_on(shape: tuple[int, int, int], tile: int, alpha: float, n_domains: 
 def project_2os(y: Tensor, lo: Tensor, hi: Tensor, max_rounds: int = 32) -> Tensor:
     """Projection of tiles y (..., m, d) onto C = {L <= Z(y) <= U}: sort, clip, unsort — repeated
     until Z(y) lies in the bands (at most ``max_rounds`` times; see the module docstring)."""
-    return _project_2os_t(y, lo.transpose(-1, -2).contiguous(), hi.transpose(-1, -2).contiguous(), max_rounds)
+    return _project_2os_t(y, lo.transpose(-1, -2).contiguous(), hi.transpose(-1, -2).contiguous(), max_rounds)[0]
 
 
-def _project_2os_t(y: Tensor, lo_t: Tensor, hi_t: Tensor, max_rounds: int = 32) -> Tensor:
-    """project_2os with the bands given transposed, (d, m)."""
+def _project_2os_t(y: Tensor, lo_t: Tensor, hi_t: Tensor, max_rounds: int = 32) -> tuple[Tensor, bool]:
+    """project_2os with the bands given transposed, (d, m); also says whether anything moved."""
+    changed = False
     for _ in range(max_rounds):
         s, i_row = y.sort(dim=-1)
         # the column sort runs on the transpose: contiguous short rows sort faster than strided columns
@@ -325,9 +327,10 @@ def _project_2os_t(y: Tensor, lo_t: Tensor, hi_t: Tensor, max_rounds: int = 32) 
         zc = zt.clamp(lo_t, hi_t)
         if torch.equal(zc, zt):  # y is in C: nothing to do (also makes the projection idempotent)
             break
+        changed = True
         s_back = torch.empty_like(zt).scatter_(-1, i_col, zc).transpose(-1, -2)
         y = torch.empty_like(y).scatter_(-1, i_row, s_back)
-    return y
+    return y, changed
 
 
 def lower_bound_2os(y: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -338,39 +341,60 @@ def lower_bound_2os(y: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 
 def project_sorted(s: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """Projection of statistics s (..., m) onto {lo <= sort(s) <= hi} (1-level order statistics)."""
+    return _project_sorted(s, lo, hi)[0]
+
+
+def _project_sorted(s: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, bool]:
     z, i = s.sort(dim=-1)
-    return torch.empty_like(s).scatter_(-1, i, z.clamp(lo, hi))
+    zc = z.clamp(lo, hi)
+    if torch.equal(zc, z):
+        return s, False
+    return torch.empty_like(s).scatter_(-1, i, zc), True
 
 
 def project_means(y: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """Shift every tile of y (..., m, d) so its standardized mean sqrt(d) mean lies in the bands."""
+    return _project_means(y, lo, hi)[0]
+
+
+def _project_means(y: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, bool]:
     d = y.shape[-1]
     s = y.sum(-1) / math.sqrt(d)
-    return y + ((project_sorted(s, lo, hi) - s) / math.sqrt(d)).unsqueeze(-1)
+    s2, changed = _project_sorted(s, lo, hi)
+    if not changed:
+        return y, False
+    return y + ((s2 - s) / math.sqrt(d)).unsqueeze(-1), True
 
 
 def project_norms(y: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """Rescale every tile of y (..., m, d) so that its norm lies in the bands (sorted)."""
+    return _project_norms(y, lo, hi)[0]
+
+
+def _project_norms(y: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, bool]:
     d = y.shape[-1]
     norm = y.norm(dim=-1)
-    target = project_sorted(norm, lo, hi)
+    target, changed = _project_sorted(norm, lo, hi)
+    if not changed:
+        return y, False
     zero = norm <= 0
     scaled = y * (target / torch.where(zero, torch.ones_like(norm), norm)).unsqueeze(-1)
     # a zero tile has no nearest point on its sphere: take the constant tile of the target norm
     const = (target / math.sqrt(d)).unsqueeze(-1).expand_as(y)
-    return torch.where(zero.unsqueeze(-1), const, scaled)
+    return torch.where(zero.unsqueeze(-1), const, scaled), True
 
 
-def _project_tiles(flat: Tensor, tb: TypicalTables) -> Tensor:
+def _project_tiles(flat: Tensor, tb: TypicalTables) -> tuple[Tensor, bool]:
     """Entries, tile means, tile norms of every group; flat (B, N) in the permuted layout."""
-    parts = []
+    parts, changed = [], False
     for g in tb.groups:
         y = flat[:, g.start:g.start + g.m * g.d].reshape(-1, g.m, g.d)
-        y = _project_2os_t(y, g.entry_lo, g.entry_hi)  # tables on a device hold them transposed
-        y = project_means(y, g.mean_lo, g.mean_hi)
-        y = project_norms(y, g.norm_lo, g.norm_hi)
+        y, c1 = _project_2os_t(y, g.entry_lo, g.entry_hi)  # tables on a device hold them transposed
+        y, c2 = _project_means(y, g.mean_lo, g.mean_hi)
+        y, c3 = _project_norms(y, g.norm_lo, g.norm_hi)
         parts.append(y.flatten(1))
-    return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        changed = changed or c1 or c2 or c3
+    return (torch.cat(parts, 1) if len(parts) > 1 else parts[0]), changed
 
 
 def project_global_norm(flat: Tensor, lo: float, hi: float) -> Tensor:
@@ -387,10 +411,16 @@ def _typical(v: Tensor, tile: int, domains: tuple[str, ...], alpha: float, sweep
     perm, inv = tb.perm, tb.inv_perm
     x = project_global_norm(v.reshape(b, -1), tb.global_lo, tb.global_hi).view(b, c, h, w)
     for _ in range(sweeps):
+        moved = False
         for dom in domains:
             y = tb.dct_h @ x @ tb.dct_w.T if dom == "dct" else x
-            y = _project_tiles(y.reshape(b, -1)[:, perm], tb)[:, inv].view(b, c, h, w)
-            x = tb.dct_h.T @ y @ tb.dct_w if dom == "dct" else y
+            y, changed = _project_tiles(y.reshape(b, -1)[:, perm], tb)
+            if changed:  # otherwise keep x as it is (no transform round-trip rounding)
+                y = y[:, inv].view(b, c, h, w)
+                x = tb.dct_h.T @ y @ tb.dct_w if dom == "dct" else y
+                moved = True
+        if not moved:  # x is in every set: later sweeps would do nothing
+            break
     return x
 
 

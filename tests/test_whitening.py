@@ -144,7 +144,7 @@ def test_white_noise_stays_statistically_white_gaussian(kind, block):
 
 from ntrk_lightning.whitening import (  # noqa: E402
     lower_bound_2os, norm_bands, order_stat_bands, project_2os, project_global_norm, project_means,
-    project_norms, project_sorted, tile_layout, typical_tables, wgnc_layout, wgnc_moduli)
+    project_norms, project_sorted, tile_layout, typical_tables, wgnc_moduli)
 
 
 def _cos(a, b):
@@ -191,8 +191,8 @@ def _ellipse_ramp(n=64):
 
 @pytest.mark.parametrize("shape", [(4, 4, 64, 64), (2, 16, 128, 128)])
 def test_typical_gaussian_latents_pass_almost_unchanged(shape):
-    """N(0, I) lies in the whole confidence set with probability >= 1 - 1e-4, so W(x) = x up to
-    float32 rounding of the DCT round trip (measured min cosine 0.9999999)."""
+    """N(0, I) lies in the whole confidence set with probability >= 1 - 1e-4, so W(x) = x (the
+    operator then skips every transform: measured exactly equal)."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(11))
     w = whiten(x)
     assert w.dtype == x.dtype and w.shape == x.shape
@@ -246,7 +246,7 @@ def _cases(m, d, seed):
             "tiny": 1e-3 * gauss}
 
 
-@pytest.mark.parametrize("m,d,alpha_entry", [(6, 5, 0.3), (64, 16, 1e-8), (16, 16, 1e-2)])
+@pytest.mark.parametrize("m,d,alpha_entry", [(6, 5, 0.3), pytest.param(64, 16, 1e-8, marks=pytest.mark.slow), (16, 16, 1e-2)])
 def test_2os_projection_is_idempotent_in_the_set_and_nearest(m, d, alpha_entry):
     """P(x) lies in C = {L <= Z <= U}, P(P(x)) = P(x), and no point of C is nearer to x:
     ||x - P(x)|| <= ||x - y|| for y = projections of other draws and their permutations within
@@ -280,16 +280,19 @@ def test_2os_variational_inequality(m, d, alpha_entry):
     and (ii) at the operating level, for x ~ N(0, I) and y = projections of other Gaussian draws.
     (Across cells it fails: C is a union of convex cells, not convex.)"""
     lo, hi = _bands(m, d, alpha_entry)
+    checked = 0
     for x in _cases(m, d, seed=5).values():
         p = project_2os(x, lo, hi)
         zy = _z(project_2os(torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 2, lo, hi))
         s, i_row = x.sort(-1)
         _, i_col = s.sort(-2)
         y = torch.empty_like(x).scatter_(-1, i_row, torch.empty_like(x).scatter_(-2, i_col, zy))
-        one_round = project_2os(x, lo, hi, max_rounds=1)
-        done = torch.equal(one_round, p)  # the cell argument needs the one-pass projection
-        if done:
-            assert ((x - p) * (y - p)).sum((-1, -2)).max() <= 1e-9
+        # the cell argument holds for samples whose first sort-clip-unsort already landed in C
+        one_pass = (project_2os(x, lo, hi, max_rounds=1) == p).flatten(1).all(1)
+        vi = ((x - p) * (y - p)).sum((-1, -2))
+        assert vi[one_pass].max() <= 1e-9 if one_pass.any() else True
+        checked += int(((x - p).abs().flatten(1).amax(1) > 0)[one_pass].sum())
+    assert checked >= (100 if alpha_entry > 0.1 else 3)  # moved points were checked (measured 130 and 5)
     x = torch.randn(40, 8, 16, 64, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     tb = typical_tables((8, 64, 64), 4, 1e-4, 2)  # the per-entry level of a 8x64x64 latent
     lo, hi = _bands(64, 64, tb.alpha_entry)
