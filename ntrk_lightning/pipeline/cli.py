@@ -44,6 +44,16 @@ class NTRKCLI(LightningCLI):
         if "return_predictions" in {a.dest for a in parser._actions}:
             parser.set_defaults(return_predictions=False)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse; a parse error is one line (jsonargparse prints the usage screen and a nested
+        report of every union member, dozens of lines for an unknown ``class_path``)."""
+        def one_line(_parser: Any, message: str) -> None:
+            raise SystemExit(f"ntrk: error: {parse_error_line(message)}")
+
+        for p in [parser, *getattr(self, "_subcommand_parsers", {}).values()]:
+            p._error_handler = one_line
+        super().parse_arguments(parser, args)
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         if cfg is None:
@@ -254,3 +264,40 @@ def check_config_files(argv: Sequence[str], prog: str = "ntrk") -> None:
         if not isinstance(value, dict):
             raise SystemExit(f"{prog}: error: config file {p} must be a YAML mapping of options, "
                              f"found a {type(value).__name__}")
+
+
+_STRUCTURAL = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>",
+               "Expected a <class 'NoneType'>")
+
+
+def parse_error_line(message: str) -> str:
+    """One line from jsonargparse's nested parse error: the option path, the innermost reason
+    and the class_path it concerns."""
+    import re
+
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else "invalid arguments"
+    keys: list[str] = []
+    cls = None
+    reason = None
+    for ln in lines:
+        m = re.match(r'^(?:- )?Parser key "([^"]+)"', ln)
+        if m:
+            keys.append(m.group(1))
+            continue
+        m = re.match(r"^(?:- )?Problem with given class_path '([^']+)'", ln)
+        if m:
+            cls = m.group(1)
+            continue
+        if ln.startswith(_STRUCTURAL) or ln.lstrip("- ").startswith(_STRUCTURAL):
+            continue
+        reason = ln[2:] if ln.startswith("- ") else ln
+        if not reason.startswith("Parser key"):
+            break
+    reason = reason or lines[0]
+    where = ".".join(dict.fromkeys(keys))
+    text = f"{where}: {reason}" if where else reason
+    if cls and cls not in text:
+        text += f" (class_path {cls!r})"
+    return text + " (see `ntrk SUBCOMMAND --help`)" if "help" not in text else text

@@ -214,10 +214,14 @@ def check_identity(out: Path, new: dict[str, Any]) -> str:
             raise RunFolderError(f"{path} is unreadable ({e}); restore it, or delete it to adopt the folder "
                                  "(finished samples are then checked against this run's settings)") from None
     if stored is None:
-        had_samples = (out / layout.IMAGES).is_dir() and any((out / layout.IMAGES).rglob("p*_s*.json"))
         _write_run_json(out, new)
-        return "adopted" if had_samples else "new"
+        return "adopted" if _has_samples(out) else "new"
     diff, merged = merge_fingerprint(stored["fingerprint"], new)
+    if diff and not _has_samples(out):
+        # nothing generated under the stored identity (e.g. a first attempt that stopped at a
+        # corrupt weights file): nothing can be mixed, so the folder takes the new identity
+        _write_run_json(out, new)
+        return "new"
     if diff:
         raise RunFolderError(f"{out} holds a different run: {diff}; use another --output_dir (a run "
                              "folder can only be extended: more prompts, samples or arms)")
@@ -225,6 +229,12 @@ def check_identity(out: Path, new: dict[str, Any]) -> str:
         _write_run_json(out, merged, created=stored.get("created"))
         return "extended"
     return "same"
+
+
+def _has_samples(out: Path) -> bool:
+    """Whether ``out`` holds any sample record or failure marker."""
+    images = out / layout.IMAGES
+    return images.is_dir() and any(p.name.endswith(".json") for p in images.rglob("p*_s*.json"))
 
 
 def _write_run_json(out: Path, fp: dict[str, Any], created: Optional[str] = None) -> None:
