@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import pytest
 import torch
@@ -35,7 +35,7 @@ from ntrk_lightning.pipeline import layout, run
 from pipeline_utils import (REPO, assert_metrics_close, cli_env, expected_keys, metrics, predict_args, records,
                             run_in_process, wait_for)
 
-N = 6  # samples per arm: 3 batches of 2
+N = 4  # samples per arm: 2 batches of 2
 FAST = ["--data.init_args.samples_per_prompt", str(N), "--data.init_args.batch_size", "2",
         "--model.init_args.num_steps", "4", "--model.init_args.report", "false"]
 ARMS = ["ntrk", "plain"]
@@ -236,106 +236,23 @@ def test_concurrent_real_run_is_refused_then_sigkill_and_rerun_completes(referen
 
 
 # ---------------------------------------------------------------------------------------------
-# SIGKILL at chosen points (a forked copy of this process dies for real, at an exact point)
+# SIGKILL at chosen points (the real command in a subprocess, killed for real at an exact point)
 # ---------------------------------------------------------------------------------------------
 
-def _die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _after_nth_png(n: int) -> Callable[[], None]:
-    def patch() -> None:
-        orig, count = layout.atomic_write_bytes, [0]
-
-        def png_then_die(path, data):
-            orig(path, data)
-            count[0] += 1
-            if count[0] == n:
-                _die()  # the PNG is on disk, its record is not
-
-        layout.atomic_write_bytes = png_then_die
-    return patch
-
-
-def _inside_nth_png_write(n: int) -> Callable[[], None]:
-    def patch() -> None:
-        from ntrk_lightning import fileio
-
-        orig, count = layout.atomic_write_bytes, [0]
-
-        def half_then_die(path, data):
-            count[0] += 1
-            if count[0] == n:
-                def write(tmp):
-                    with open(tmp, "wb") as f:
-                        f.write(data[: len(data) // 2])
-                        f.flush()
-                    _die()
-                fileio.atomic_write(path, write)
-            return orig(path, data)
-
-        layout.atomic_write_bytes = half_then_die
-    return patch
-
-
-def _after_records_jsonl() -> None:
-    orig = layout.write_records_jsonl
-
-    def then_die(out, recs):
-        orig(out, recs)
-        _die()  # records.jsonl is new, metrics.json is not
-
-    layout.write_records_jsonl = then_die
-
-
-def _after_identity() -> None:
-    orig = run.check_identity
-
-    def then_die(out, fp):
-        orig(out, fp)
-        _die()  # locked, run.json written, nothing generated
-
-    run.check_identity = then_die
-
-
-def run_forked(args: Sequence[str], patch: Callable[[], None], timeout: float = 300) -> int:
-    """Run the command in a forked child with ``patch`` applied; returns the signal that ended
-    it (0: it exited)."""
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 1
-        try:
-            patch()
-            from ntrk_lightning.cli import main
-
-            code = 0 if main(list(args)) == 0 else 1
-        except BaseException:
-            code = 2
-        finally:
-            os._exit(code)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
-        time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    raise AssertionError("the forked run did not finish in time")
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-@pytest.mark.parametrize("point,patch", [
-    ("after the 3rd PNG, before its record", _after_nth_png(3)),
-    ("halfway through writing the 6th PNG", _inside_nth_png_write(6)),
-    ("after records.jsonl, before metrics.json", _after_records_jsonl),
-    ("after taking the lock and writing run.json", _after_identity),
+@pytest.mark.slow
+@pytest.mark.parametrize("point", [
+    "png:3",      # the 3rd PNG is on disk, its record is not
+    "half:5",     # halfway through writing the 5th PNG's temporary file
+    "records",    # records.jsonl rewritten, metrics.json not yet
+    "identity",   # locked, run.json written, nothing generated
 ])
-def test_sigkill_then_rerun_equals_an_uninterrupted_run(reference, tmp_path, point, patch):
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(reference, tmp_path, point):
     out = tmp_path / "run"
-    assert run_forked(fast_args(out), patch) == signal.SIGKILL, point
-    assert (out / run.LOCK).exists()
-    run_in_process(fast_args(out))
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "kill_runner.py"), point, *fast_args(out)],
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, f"{point}: rc {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert (out / run.LOCK).exists()  # a SIGKILL leaves its lock behind...
+    run_in_process(fast_args(out))  # ...which the rerun takes over (same host, PID gone)
     assert_same_as_reference(out, reference)
 
 
@@ -347,10 +264,10 @@ def test_damaged_finished_samples_are_regenerated_and_counted(reference, tmp_pat
     out = copy_of(reference, tmp_path)
     img = out / "images"
     (img / "ntrk" / "p00000_s00001.png").write_bytes(os.urandom(300))            # garbage PNG
-    (img / "ntrk" / "p00000_s00004.png").write_bytes(b"")                        # power loss: empty
+    (img / "ntrk" / "p00000_s00003.png").write_bytes(b"")                        # power loss: empty
     rec = img / "plain" / "p00000_s00003.json"
     rec.write_text(rec.read_text()[:40])                                         # truncated record
-    (img / "plain" / "p00000_s00005.png").unlink()                               # record without PNG
+    (img / "plain" / "p00000_s00002.png").unlink()                               # record without PNG
     png = img / "ntrk" / "p00000_s00002.png"                                     # one flipped byte
     data = bytearray(png.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -360,11 +277,11 @@ def test_damaged_finished_samples_are_regenerated_and_counted(reference, tmp_pat
     m = metrics(out)
     assert m["last_run"]["damaged_regenerated"] == 5 and m["last_run"]["generated_this_run"] == 5
     assert {d["key"] for d in m["last_run"]["damaged"]} == {
-        "ntrk/p00000_s00001", "ntrk/p00000_s00004", "plain/p00000_s00003", "plain/p00000_s00005",
+        "ntrk/p00000_s00001", "ntrk/p00000_s00003", "plain/p00000_s00003", "plain/p00000_s00002",
         "ntrk/p00000_s00002"}
     assert_same_as_reference(out, reference)
     untouched = [p for p, t in kept.items() if p.exists() and p.stat().st_mtime_ns == t]
-    assert len(untouched) == 2 * N - 5 + 1  # all but the damaged ones (the missing-PNG record was removed)
+    assert len(untouched) == 2 * N - 5  # every sample but the damaged ones
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,6 +135,8 @@ def fingerprint(module: Any, prompts: Sequence[str], seed: int) -> dict[str, Any
 
 
 def _first_difference(a: Any, b: Any, path: str) -> Optional[str]:
+    if a in (None, "<local path>") and b in (None, "<local path>"):
+        return None  # a default folder or an explicit one: the weight hashes decide
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             if k not in a or k not in b:
