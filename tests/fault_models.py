@@ -12,11 +12,11 @@ from ntrk_lightning.denoiser import DiffusionModel, identity_decode
 
 
 def nan_decode(x: Tensor) -> Tensor:
-    """The digits decode, but NaN for every sample whose centre value is positive (a stroke
-    through the centre): a fixed subset of the seeds fails, the others are untouched."""
+    """The digits decode, but NaN for every sample whose mean value is above -0.4 (more ink than
+    usual): a fixed subset of the seeds fails (about half of them with the small test runs), the
+    others are untouched."""
     img = identity_decode(x)
-    h, w = x.shape[-2] // 2, x.shape[-1] // 2
-    bad = (x[:, 0, h, w] > 0.0).view(-1, *([1] * (x.dim() - 1)))
+    bad = (x.flatten(1).mean(1) > -0.4).view(-1, *([1] * (x.dim() - 1)))
     return torch.where(bad, torch.full_like(img, float("nan")), img)
 
 

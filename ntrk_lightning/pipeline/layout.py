@@ -165,8 +165,8 @@ def iter_records(out: Path, arms: Sequence[str]) -> Iterator[dict[str, Any]]:
 
 
 def finished_candidates(out: Path, arms: Sequence[str]) -> set[tuple[str, int, int]]:
-    """(arm, prompt index, sample index) of every sample in ``out`` with a record and a PNG, not
-    yet checked (see :func:`ntrk_lightning.pipeline.run.verify_finished`)."""
+    """(arm, prompt index, sample index) of every sample in ``out`` with a record, not yet
+    checked (see :func:`ntrk_lightning.pipeline.run.verify_finished`)."""
     done = set()
     for arm in arms:
         folder = out / IMAGES / arm
@@ -174,7 +174,7 @@ def finished_candidates(out: Path, arms: Sequence[str]) -> set[tuple[str, int, i
             continue
         for rec_path in folder.glob("p*_s*.json"):
             m = _STEM.match(rec_path.stem)
-            if m and rec_path.with_suffix(".png").is_file():
+            if m:
                 done.add((arm, int(m.group(1)), int(m.group(2))))
     return done
 
