@@ -93,7 +93,9 @@ def load_unet(name: str = "digits16", device: Union[str, torch.device] = "cpu",
     unet = UNet2DModel.from_config(cfg["unet"])
     state = {k: v.to(torch.float32) for k, v in load_file(str(w_path)).items()}
     unet.load_state_dict(state)
-    unet.to(device=device, dtype=dtype).eval()
+    # a dtype argument makes diffusers warn about fp32 modules even when there is nothing to cast
+    unet.to(device=device) if dtype == torch.float32 else unet.to(device=device, dtype=dtype)
+    unet.eval()
     unet.requires_grad_(False)
     return unet
 

@@ -172,9 +172,6 @@ class GenerationModule(pl.LightningModule):
             self._interrupted = True
             raise SIGTERMException()
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch  # items are plain Python (prompts, 63-bit seeds); tensors are made on device
-
     def predict_step(self, batch: Sequence[Item], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         outputs = []
         model = self.backbone.model()
