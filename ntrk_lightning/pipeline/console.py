@@ -36,18 +36,15 @@ class _DropLightningTip(logging.Filter):
         return not str(record.msg).startswith(_LIGHTNING_TIP)
 
 
-_installed = False
-
-
 def quiet_library_noise() -> None:
-    """Install the narrow filters (idempotent; process-wide for these exact messages only)."""
-    global _installed
-    if _installed:
-        return
-    _installed = True
-    logging.getLogger(_RANK_ZERO_LOGGER).addFilter(_DropLightningTip())
+    """Install the narrow filters. Idempotent: the logging filter is added once, and re-adding an
+    identical warnings filter only moves it to the front (so a caller's ``catch_warnings`` block,
+    e.g. pytest's per test, gets it again)."""
+    log = logging.getLogger(_RANK_ZERO_LOGGER)
+    if not any(isinstance(f, _DropLightningTip) for f in log.filters):
+        log.addFilter(_DropLightningTip())
     # Lightning 2.6's pytree helper builds a `LeafSpec`, which torch >= 2.10 deprecates; the
-    # message is about Lightning's code, raised at every predict/fit batch transfer.
+    # message is about Lightning's code, raised at the first batch transfer of every run.
     warnings.filterwarnings("ignore", message=re.escape("`isinstance(treespec, LeafSpec)` is deprecated"),
                             category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
 

@@ -232,6 +232,10 @@ class GenerationModule(pl.LightningModule):
                      "predict_seconds": time.perf_counter() - self._t_start}
         if trainer.is_global_zero:
             self._write_run_files(out, summary, run_stats)
+            if trainer.loggers:  # --trainer.logger: final metrics per arm and the sample grid
+                from ntrk_lightning.pipeline.loggers import log_predict_run
+
+                log_predict_run(trainer.loggers, out)
         trainer.strategy.barrier()
 
     def _catch_up(self, out: Path, dm: Any, rank: int, world: int) -> None:
