@@ -198,8 +198,11 @@ def describe_sampler(cls: type) -> str:
     import dataclasses
     import inspect
 
+    import re
+
     doc = inspect.getdoc(cls) or ""
-    summary = doc.splitlines()[0] if doc else ""
+    first_paragraph = " ".join(doc.split("\n\n", 1)[0].split())
+    summary = first_paragraph.split(". ", 1)[0].rstrip(".") + "." if first_paragraph else ""
     lines = [f"{cls.name}  ({cls.__module__.rsplit('.', 1)[0]}.{cls.__name__})  {summary}",
              f"    NFE per sample: {getattr(cls, 'nfe_formula', '?')}",
              f"    source: {getattr(cls, 'source', '?')}"]
@@ -221,6 +224,7 @@ def describe_sampler(cls: type) -> str:
             default = "required"
         typ = hints.get(f.name, f.type)
         tname = typ.__name__ if isinstance(typ, type) else str(typ).replace("typing.", "")
+        tname = re.sub(r"\b(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*)", r"\1", tname)  # module paths off
         entry = f"    {f.name}: {tname} = {default}"
         if f.name in helps:
             entry += f"  -- {helps[f.name]}"
@@ -240,7 +244,11 @@ def describe_all() -> str:
 
 def entry() -> None:
     """``console_scripts`` wrapper: exit with main's status."""
-    code = main()
+    try:
+        code = main()
+    except BrokenPipeError:  # `ntrk samplers | head`
+        sys.stderr.close()
+        code = 0
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -99,29 +99,31 @@ class StepProgress(pl.Callback):
                 pass
         self._task = None
 
-    def for_arm(self, arm: str) -> Optional[Callable[[dict[str, Any]], None]]:
-        """The per-step callback for the next ``sample()`` call of ``arm`` (``None``: inactive)."""
+    def for_arm(self, arm: str, num_steps: int) -> Optional[Callable[[dict[str, Any]], None]]:
+        """The per-step callback for the next ``sample()`` call of ``arm`` with ``num_steps``
+        reverse steps (``None``: inactive)."""
         if self._progress is None:
             return None
         self._remove_task()
         self._label = arm
-        self._task = self._progress.add_task(f"  {arm}: step", total=None)
+        self._task = self._progress.add_task(f"  {arm}: steps", total=max(1, int(num_steps)))
         return self._on_step
 
     def _on_step(self, info: dict[str, Any]) -> None:
         if self._progress is None or self._task is None:
             return
-        total = int(info.get("num_steps") or 0) or None
-        self._progress.update(self._task, completed=int(info.get("step", 0)) + 1, total=total)
+        kw = {"total": int(info["num_steps"])} if info.get("num_steps") else {}
+        self._progress.update(self._task, completed=int(info.get("step", 0)) + 1, **kw)
 
 
-def step_callback(trainer: Optional[pl.Trainer], arm: str) -> Optional[Callable[[dict[str, Any]], None]]:
+def step_callback(trainer: Optional[pl.Trainer], arm: str,
+                  num_steps: int) -> Optional[Callable[[dict[str, Any]], None]]:
     """The per-step callback of the trainer's :class:`StepProgress` for ``arm`` (or ``None``)."""
     if trainer is None:
         return None
     for cb in trainer.callbacks:
         if isinstance(cb, StepProgress):
-            return cb.for_arm(arm)
+            return cb.for_arm(arm, num_steps)
     return None
 
 

@@ -23,6 +23,7 @@ from ntrk_lightning.api import sample
 from ntrk_lightning.backbones.base import Backbone
 from ntrk_lightning.fileio import atomic_write_json
 from ntrk_lightning.pipeline import layout
+from ntrk_lightning.pipeline.console import step_callback
 from ntrk_lightning.pipeline.data import Item
 from ntrk_lightning.samplers.base import Sampler
 from rewards.base import Reward, is_differentiable
@@ -150,7 +151,9 @@ class GenerationModule(pl.LightningModule):
 
         if self.output_dir is None:
             raise ValueError("GenerationModule needs output_dir (ntrk predict --output_dir DIR)")
-        return [SampleWriter(self.output_dir)]
+        from ntrk_lightning.pipeline.console import StepProgress
+
+        return [SampleWriter(self.output_dir), StepProgress()]
 
     def on_predict_start(self) -> None:
         if torch.is_inference_mode_enabled() and any(getattr(s, "needs_gradient", False)
@@ -182,7 +185,8 @@ class GenerationModule(pl.LightningModule):
             prompts = [it.prompt for it in items]
             cond = self.backbone.conditioning(prompts)
             res = sample(model, self._scheduler, self.reward, spec, self.num_steps[arm], seed=[it.seed for it in items],
-                         cond=cond, prompts=prompts, device=self.device)
+                         cond=cond, prompts=prompts, device=self.device,
+                         callback=step_callback(self._trainer, arm, self.num_steps[arm]))  # per-step progress on a terminal
             images = res.images.float().clamp(0.0, 1.0)
             rewards = {GUIDANCE: res.rewards.float().cpu()}
             with torch.no_grad():
