@@ -52,7 +52,6 @@ def main(argv: Optional[list[str]] = None) -> Any:
         return report_main(rest)
     if cmd == "evaluate":
         from ntrk_lightning.evaluation import main as evaluate_main
-
         from ntrk_lightning.pipeline.console import quiet_library_noise
 
         quiet_library_noise()
@@ -83,7 +82,8 @@ def main(argv: Optional[list[str]] = None) -> Any:
             return 143
         trainer = getattr(cli, "trainer", None)
         out = getattr(getattr(cli, "model", None), "output_dir", None)
-        if cmd == "predict" and out is not None and trainer is not None and trainer.is_global_zero:
+        finished = trainer is not None and getattr(trainer.state, "finished", False)  # not after Ctrl-C
+        if cmd == "predict" and out is not None and finished and trainer.is_global_zero:
             print_run_summary(out)
         return 0
     print(f"ntrk: unknown subcommand {cmd!r}\n\n{USAGE}", file=sys.stderr)
