@@ -114,3 +114,42 @@ def test_evaluate_sends_final_metrics_to_csv_logger(logged_run, tmp_path):
         assert a["num_samples"] == 4
         assert _csv_metric(rows, f"{arm}/num_samples") == 4
         assert math.isclose(_csv_metric(rows, f"{arm}/diversity"), a["diversity"], rel_tol=1e-6)
+
+
+def test_image_dispatch_by_logger_kind_without_importing_optional_packages():
+    """W&B and MLflow are optional: the logger kind is recognised by class name, and each kind
+    gets its own image call (stand-ins record the calls)."""
+    from ntrk_lightning.pipeline.loggers import log_run
+
+    calls: list[tuple] = []
+
+    class Base:
+        def log_metrics(self, metrics, step=None):
+            calls.append((type(self).__name__, "metrics", sorted(metrics)))
+
+        def save(self):
+            calls.append((type(self).__name__, "save"))
+
+    class WandbLogger(Base):
+        def log_image(self, key, images):
+            calls.append(("WandbLogger", "image", key, images[0].shape))
+
+    class _Client:
+        def log_image(self, run_id, image, artifact_file):
+            calls.append(("MLFlowLogger", "image", run_id, artifact_file, image.shape))
+
+    class MLFlowLogger(Base):
+        experiment, run_id = _Client(), "run-1"
+
+    class CSVLike(Base):
+        pass
+
+    grid = np.zeros((6, 10, 3), dtype=np.uint8)
+    metrics = {"arms": {"a": {"rewards": {"reward": {"mean": 1.0, "std": 1.0, "count": 5}}}}}
+    log_run([WandbLogger(), MLFlowLogger(), CSVLike()], metrics, grid)
+    assert ("WandbLogger", "image", "samples", (6, 10, 3)) in calls
+    assert ("MLFlowLogger", "image", "run-1", "samples.png", (6, 10, 3)) in calls
+    assert not any(c[0] == "CSVLike" and c[1] == "image" for c in calls)
+    for kind in ("WandbLogger", "MLFlowLogger", "CSVLike"):
+        assert (kind, "metrics", ["a/reward_mean", "a/reward_se", "a/reward_std"]) in calls
+        assert (kind, "save") in calls
