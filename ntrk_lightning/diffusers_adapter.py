@@ -12,8 +12,10 @@ guided denoiser, differentiable VAE decode, latent shape), ``sd.scheduler`` (a `
 from the pipeline's scheduler config: the core needs its noise-injection point, whatever sampler
 the pipeline was configured with) and ``sd.conditioning(prompts)``.
 
-Supported: ``StableDiffusionPipeline`` (SD 1.x / 2.x) and ``StableDiffusionXLPipeline``. Other
-families plug in with :func:`register_pipeline` (pipeline class name -> a function building a
+Supported: ``StableDiffusionPipeline`` (SD 1.x / 2.x), ``StableDiffusionXLPipeline``,
+``StableDiffusion3Pipeline`` and ``FluxPipeline`` (for the flow-matching two, ``sd.scheduler`` is a
+``FlowMatchEulerDiscreteScheduler`` from the pipeline's config: the core runs its own stochastic
+step on its sigma schedule). Other families plug in with :func:`register_pipeline` (pipeline class name -> a function building a
 :class:`~ntrk_lightning.backbones.base.Backbone` from the pipeline).
 """
 
@@ -25,6 +27,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from ntrk_lightning.backbones.base import Backbone
+from ntrk_lightning.backbones.flux import FluxBackbone
+from ntrk_lightning.backbones.sd3 import SD3Backbone
 from ntrk_lightning.backbones.stable_diffusion import StableDiffusionBackbone, StableDiffusionXLBackbone
 from ntrk_lightning.denoiser import DiffusionModel
 
@@ -72,13 +76,51 @@ class PipelineStableDiffusionXLBackbone(_FromPipeline, StableDiffusionXLBackbone
         super().__init__(model=str(getattr(pipe, "name_or_path", None) or type(pipe).__name__), **options)
 
 
+class _FlowFromPipeline:
+    """The same for the flow-matching backbones (SD3, FLUX): a ``transformer`` instead of a UNet."""
+
+    _pipe: Any
+
+    def _locate(self, model: str, variant: Optional[str], revision: Optional[str], cache_dir: Optional[str]) -> None:
+        pipe = self._pipe
+        self.folder = Path(getattr(pipe, "name_or_path", None) or f"<{type(pipe).__name__}>")
+        self.model_index = dict(pipe.config)
+        self._components()  # SD3: decides use_t5 from the pipeline's components
+        self.transformer_config = dict(pipe.transformer.config)
+        self.vae_config = dict(pipe.vae.config)
+        self.scheduler_config = dict(pipe.scheduler.config)
+
+    def _from_pretrained(self, cls: Any, sub: str, **kw: Any) -> Any:
+        return getattr(self._pipe, sub)
+
+    def _load_tokenizer(self, sub: str, cls: Any = None) -> Any:
+        return getattr(self._pipe, sub)
+
+
+class PipelineSD3Backbone(_FlowFromPipeline, SD3Backbone):
+    """:class:`SD3Backbone` on a loaded ``StableDiffusion3Pipeline``."""
+
+    def __init__(self, pipe: Any, **options: Any) -> None:
+        self._pipe = pipe
+        super().__init__(model=str(getattr(pipe, "name_or_path", None) or type(pipe).__name__), **options)
+
+
+class PipelineFluxBackbone(_FlowFromPipeline, FluxBackbone):
+    """:class:`FluxBackbone` on a loaded ``FluxPipeline``."""
+
+    def __init__(self, pipe: Any, **options: Any) -> None:
+        self._pipe = pipe
+        super().__init__(model=str(getattr(pipe, "name_or_path", None) or type(pipe).__name__), **options)
+
+
 def _sd_options(pipe: Any, options: dict[str, Any]) -> dict[str, Any]:
     bad = [k for k in _FILE_OPTIONS if k in options]
     if bad:
         raise TypeError(f"from_diffusers: {', '.join(bad)} name files; the pipeline's modules are used as they are")
     opts = dict(options)
     # the pipeline's weights stay in the type they were loaded in (no cast, no copy)
-    opts.setdefault("weights_dtype", _DTYPE_NAMES.get(pipe.unet.dtype, "float32"))
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    opts.setdefault("weights_dtype", _DTYPE_NAMES.get(denoiser.dtype, "float32"))
     opts.setdefault("name", Path(str(getattr(pipe, "name_or_path", "") or type(pipe).__name__)).name)
     return opts
 
@@ -91,10 +133,20 @@ def _build_sdxl(pipe: Any, options: dict[str, Any]) -> Backbone:
     return PipelineStableDiffusionXLBackbone(pipe, **_sd_options(pipe, options))
 
 
+def _build_sd3(pipe: Any, options: dict[str, Any]) -> Backbone:
+    return PipelineSD3Backbone(pipe, **_sd_options(pipe, options))
+
+
+def _build_flux(pipe: Any, options: dict[str, Any]) -> Backbone:
+    return PipelineFluxBackbone(pipe, **_sd_options(pipe, options))
+
+
 #: pipeline class name -> builder of a loaded backbone sharing the pipeline's modules
 _BUILDERS: dict[str, Callable[[Any, dict[str, Any]], Backbone]] = {
     "StableDiffusionPipeline": _build_sd,
     "StableDiffusionXLPipeline": _build_sdxl,
+    "StableDiffusion3Pipeline": _build_sd3,
+    "FluxPipeline": _build_flux,
 }
 
 
@@ -145,7 +197,8 @@ def from_diffusers(pipe: Any, **options: Any) -> DiffusersModel:
     """Wrap an already-loaded diffusers pipeline for :func:`ntrk_lightning.sample`.
 
     Args:
-        pipe: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (or a family added with
+        pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+            ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (or a family added with
             :func:`register_pipeline`). Its modules are shared, not copied.
         options: options of the family's backbone, e.g. ``guidance_scale``, ``negative_prompt``,
             ``height``/``width``, ``dtype`` (compute precision), ``vae_batch_size``,

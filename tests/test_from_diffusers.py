@@ -1,4 +1,4 @@
-"""``ntrk_lightning.from_diffusers(pipe)`` on the tiny offline SD 1.x and SDXL pipelines: the
+"""``ntrk_lightning.from_diffusers(pipe)`` on the tiny offline SD 1.x, SDXL, SD3 and FLUX pipelines: the
 pipeline's modules are shared (same objects, no copied parameters), sampling matches the backbone
 built from the same folder, unsupported pipelines fail with their class name, and the README
 example runs (with the tiny folder in place of a real one)."""
@@ -22,44 +22,61 @@ def brightness(images, prompts=None):
     return images.mean(dim=(1, 2, 3))
 
 
+KINDS = {  # pipeline class, backbone built from the folder, modules shared with the pipeline
+    "sd": ("StableDiffusionPipeline", "StableDiffusionBackbone", ("unet", "vae", "text_encoder", "tokenizer")),
+    "sdxl": ("StableDiffusionXLPipeline", "StableDiffusionXLBackbone",
+             ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")),
+    "sd3": ("StableDiffusion3Pipeline", "SD3Backbone",
+            ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+             "tokenizer_3")),
+    "flux": ("FluxPipeline", "FluxBackbone",
+             ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")),
+}
+
+
+def _folder(kind: str) -> Path:
+    if kind in ("sd", "sdxl"):
+        return getattr(tiny_assets(), kind)
+    from tiny_flow import tiny_flow_assets
+
+    return getattr(tiny_flow_assets(), kind)
+
+
 def _pipe(kind: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    cls = StableDiffusionPipeline if kind == "sd" else StableDiffusionXLPipeline
-    folder = getattr(tiny_assets(), kind)
-    return cls.from_pretrained(str(folder)), folder
-
-
-SHARED = {"sd": ("unet", "vae", "text_encoder", "tokenizer"),
-          "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+    folder = _folder(kind)
+    return getattr(diffusers, KINDS[kind][0]).from_pretrained(str(folder)), folder
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_modules_are_the_pipelines_own(kind):
     import ntrk_lightning as ntrk
 
     pipe, _ = _pipe(kind)
-    pipe_params = {p.data_ptr() for name in SHARED[kind] if isinstance(getattr(pipe, name), torch.nn.Module)
+    shared = KINDS[kind][2]
+    pipe_params = {p.data_ptr() for name in shared if isinstance(getattr(pipe, name), torch.nn.Module)
                    for p in getattr(pipe, name).parameters()}
     sd = ntrk.from_diffusers(pipe)
-    for name in SHARED[kind]:
-        assert getattr(sd.backbone, name) is getattr(pipe, name), name
+    for name in shared:
+        assert getattr(pipe, name) is not None and getattr(sd.backbone, name) is getattr(pipe, name), name
     # no parameter of the wrapper lives outside the pipeline's storage: nothing was copied
     assert {p.data_ptr() for p in sd.backbone.parameters()} <= pipe_params
-    assert sd.model.sample_shape == (4, 8, 8)
-    assert type(sd.scheduler).__name__ == "DDIMScheduler"  # whatever the pipeline was configured with
+    # whatever the pipeline was configured with, the core gets the scheduler it can drive
+    want = "DDIMScheduler" if kind in ("sd", "sdxl") else "FlowMatchEulerDiscreteScheduler"
+    assert want in [c.__name__ for c in type(sd.scheduler).__mro__]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_sampling_matches_the_backbone_built_from_the_folder(kind):
     import ntrk_lightning as ntrk
-    from ntrk_lightning.backbones import StableDiffusionBackbone, StableDiffusionXLBackbone
+    from ntrk_lightning import backbones
 
     pipe, folder = _pipe(kind)
     sd = ntrk.from_diffusers(pipe, guidance_scale=3.0)
-    ref = (StableDiffusionBackbone if kind == "sd" else StableDiffusionXLBackbone)(str(folder), guidance_scale=3.0)
+    ref = getattr(backbones, KINDS[kind][1])(str(folder), guidance_scale=3.0)
     ref.load()
     prompts = ["a cat", "a dog"]
     spec = ntrk.NTRK()
@@ -77,11 +94,11 @@ def test_sampling_matches_the_backbone_built_from_the_folder(kind):
 def test_unsupported_pipeline_names_its_class():
     import ntrk_lightning as ntrk
 
-    class FluxPipeline:  # stands in for a family without a registered backbone
+    class KandinskyPipeline:  # stands in for a family without a registered backbone
         pass
 
-    with pytest.raises(ValueError, match=r"FluxPipeline is not supported .*StableDiffusionPipeline"):
-        ntrk.from_diffusers(FluxPipeline())
+    with pytest.raises(ValueError, match=r"KandinskyPipeline is not supported .*StableDiffusionPipeline"):
+        ntrk.from_diffusers(KandinskyPipeline())
 
 
 def test_file_options_are_refused():
