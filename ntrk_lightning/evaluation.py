@@ -472,6 +472,11 @@ class EvaluationModule(LightningModule):
 
             if self.output_dir is not None:
                 atomic_write_json(Path(self.output_dir) / METRICS, self.results)
+            if self.trainer.loggers:  # --trainer.logger: final metrics per arm and a sample grid
+                from ntrk_lightning.pipeline.loggers import log_run, montage
+
+                firsts = [[it.path for it in s.items if it.arm == a][:8] for a in range(len(s.arms))]
+                log_run(self.trainer.loggers, json_safe(self.results), montage(sum(firsts, []), cols=8))
             print(json.dumps(json_safe(self.results), indent=2))
         self.trainer.strategy.barrier("ntrk-evaluate-end")
 

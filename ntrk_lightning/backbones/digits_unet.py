@@ -105,7 +105,9 @@ def load_unet(name: str = "digits16", device: Union[str, torch.device] = "cpu",
     except RuntimeError as e:  # wrong tensor names or shapes: another model's file
         raise WeightsFileError(f"digits UNet weights file {w_path} does not fit the config "
                                f"{_files(name, root)[1]} ({str(e).splitlines()[0]}). {_RETRAIN_HINT}") from None
-    unet.to(device=device, dtype=dtype).eval()
+    # a dtype argument makes diffusers warn about fp32 modules even when there is nothing to cast
+    unet.to(device=device) if dtype == torch.float32 else unet.to(device=device, dtype=dtype)
+    unet.eval()
     unet.requires_grad_(False)
     return unet
 

@@ -107,14 +107,7 @@ class FlowMatchingBackbone(Backbone):
                  cache_dir: Optional[str] = None, name: Optional[str] = None) -> None:
         super().__init__()
         self.source = model
-        self.folder = resolve_model_folder(model, revision, cache_dir, self._hint_repo)
-        self.model_index = _read_json(self.folder / "model_index.json") if (self.folder / "model_index.json").is_file() \
-            else {}
-        check_pipeline_folder(self.folder, self._components(), variant, self._hint_repo)
-        # configs are small: read them now, so a wrong size or option fails before any weights load
-        self.transformer_config = _read_json(self.folder / "transformer" / "config.json")
-        self.vae_config = _read_json(self.folder / "vae" / "config.json")
-        self.scheduler_config = _read_json(self.folder / "scheduler" / "scheduler_config.json")
+        self._locate(model, variant, revision, cache_dir)
         self.vae_scale_factor = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
         self.latent_channels = int(self.vae_config.get("latent_channels", 16))
         #: latent side must be a multiple of this (the transformer's patch, FLUX's 2 x 2 packing)
@@ -151,6 +144,19 @@ class FlowMatchingBackbone(Backbone):
         self.checkpoint_calls = 0  # incremented by every checkpointed block call (tests, describe)
         self._embed_cache: dict[tuple[str, str, int], Any] = {}
         self.make_scheduler()  # a scheduler config the core cannot use fails now
+
+    def _locate(self, model: str, variant: Optional[str], revision: Optional[str], cache_dir: Optional[str]) -> None:
+        """Set ``folder`` and the configs (``model_index``, ``transformer_config``, ``vae_config``,
+        ``scheduler_config``) from local files. ``from_diffusers`` overrides this to take them from
+        an already-loaded pipeline."""
+        self.folder = resolve_model_folder(model, revision, cache_dir, self._hint_repo)
+        self.model_index = _read_json(self.folder / "model_index.json") if (self.folder / "model_index.json").is_file() \
+            else {}
+        check_pipeline_folder(self.folder, self._components(), variant, self._hint_repo)
+        # configs are small: read them now, so a wrong size or option fails before any weights load
+        self.transformer_config = _read_json(self.folder / "transformer" / "config.json")
+        self.vae_config = _read_json(self.folder / "vae" / "config.json")
+        self.scheduler_config = _read_json(self.folder / "scheduler" / "scheduler_config.json")
 
     # ---- subclass hooks ------------------------------------------------------------------------
     def _components(self) -> dict[str, str]:

@@ -317,23 +317,7 @@ class StableDiffusionBackbone(Backbone):
                  cache_dir: Optional[str] = None, name: Optional[str] = None) -> None:
         super().__init__()
         self.source = model
-        self.folder = resolve_model_folder(model, revision, cache_dir, self._hint_repo)
-        check_pipeline_folder(self.folder, self.components, variant, self._hint_repo)
-        self.vae_folder: Optional[Path] = None
-        if vae is not None:
-            vf = Path(vae).expanduser()
-            if not vf.is_dir():
-                vf = resolve_model_folder(vae, None, cache_dir, "madebyollin/sdxl-vae-fp16-fix")
-            if not (vf / "config.json").is_file() or not any(
-                    (vf / n.format(v="")).is_file() for n in _DIFFUSERS_WEIGHTS):
-                raise FileNotFoundError(f"{vf} is not a diffusers AutoencoderKL folder (config.json + "
-                                        f"diffusion_pytorch_model.safetensors). {_download_hint('madebyollin/sdxl-vae-fp16-fix')}")
-            self.vae_folder = vf
-        # configs are small: read them now, so a wrong size or option fails before any weights load
-        self.unet_config = _read_json(self.folder / "unet" / "config.json")
-        self.vae_config = _read_json((self.vae_folder or self.folder / "vae") / "config.json")
-        self.scheduler_config = _read_json(self.folder / "scheduler" / "scheduler_config.json")
-        self.model_index = _read_json(self.folder / "model_index.json")
+        self._locate(model, vae, variant, revision, cache_dir)
         if self.kind == "stable-diffusion" and self.unet_config.get("addition_embed_type") == "text_time":
             raise ValueError(f"{self.folder} is an SDXL model (its UNet needs pooled text embeddings and time ids): "
                              "use ntrk_lightning.backbones.StableDiffusionXLBackbone")
@@ -380,6 +364,29 @@ class StableDiffusionBackbone(Backbone):
         self.checkpoint_calls = 0  # incremented by every checkpointed block call (tests, describe)
         self._embed_cache: dict[tuple[str, str, int], Any] = {}
         self.make_scheduler()  # a scheduler config the core cannot use fails now
+
+    def _locate(self, model: str, vae: Optional[str], variant: Optional[str], revision: Optional[str],
+                cache_dir: Optional[str]) -> None:
+        """Set ``folder``, ``vae_folder`` and the configs (``unet_config``, ``vae_config``,
+        ``scheduler_config``, ``model_index``) from local files. ``from_diffusers`` overrides this
+        to take them from an already-loaded pipeline."""
+        self.folder = resolve_model_folder(model, revision, cache_dir, self._hint_repo)
+        check_pipeline_folder(self.folder, self.components, variant, self._hint_repo)
+        self.vae_folder: Optional[Path] = None
+        if vae is not None:
+            vf = Path(vae).expanduser()
+            if not vf.is_dir():
+                vf = resolve_model_folder(vae, None, cache_dir, "madebyollin/sdxl-vae-fp16-fix")
+            if not (vf / "config.json").is_file() or not any(
+                    (vf / n.format(v="")).is_file() for n in _DIFFUSERS_WEIGHTS):
+                raise FileNotFoundError(f"{vf} is not a diffusers AutoencoderKL folder (config.json + "
+                                        f"diffusion_pytorch_model.safetensors). {_download_hint('madebyollin/sdxl-vae-fp16-fix')}")
+            self.vae_folder = vf
+        # configs are small: read them now, so a wrong size or option fails before any weights load
+        self.unet_config = _read_json(self.folder / "unet" / "config.json")
+        self.vae_config = _read_json((self.vae_folder or self.folder / "vae") / "config.json")
+        self.scheduler_config = _read_json(self.folder / "scheduler" / "scheduler_config.json")
+        self.model_index = _read_json(self.folder / "model_index.json")
 
     # ---- precision ---------------------------------------------------------------------------
     def compute_dtype(self, device: torch.device) -> torch.dtype:

@@ -213,3 +213,9 @@ class PromptDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(_Items(self.items), batch_size=self.batch_size, shuffle=False,
                           collate_fn=collate_items, num_workers=self.num_workers)
+
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        # Items are plain Python (prompts, 63-bit seeds; frozen, which Lightning's default mover
+        # rejects); the generation module makes its tensors on the device. The hook lives here,
+        # with the data, so Lightning does not warn that a module override shadows it.
+        return batch

@@ -24,6 +24,7 @@ from ntrk_lightning.api import sample
 from ntrk_lightning.backbones.base import Backbone
 from ntrk_lightning.fileio import atomic_write_json, atomic_write_text, json_safe
 from ntrk_lightning.pipeline import layout
+from ntrk_lightning.pipeline.console import step_callback
 from ntrk_lightning.pipeline.data import Item
 from ntrk_lightning.samplers.base import Sampler
 from rewards.base import Reward, is_differentiable
@@ -154,7 +155,9 @@ class GenerationModule(pl.LightningModule):
 
         if self.output_dir is None:
             raise ValueError("GenerationModule needs output_dir (ntrk predict --output_dir DIR)")
-        return [SampleWriter(self.output_dir)]
+        from ntrk_lightning.pipeline.console import StepProgress
+
+        return [SampleWriter(self.output_dir), StepProgress()]
 
     def on_predict_start(self) -> None:
         if torch.is_inference_mode_enabled() and any(getattr(s, "needs_gradient", False)
@@ -176,9 +179,6 @@ class GenerationModule(pl.LightningModule):
             self._interrupted = True
             raise SIGTERMException()
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch  # items are plain Python (prompts, 63-bit seeds); tensors are made on device
-
     def predict_step(self, batch: Sequence[Item], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         outputs = []
         model = self.backbone.model()
@@ -189,7 +189,8 @@ class GenerationModule(pl.LightningModule):
             prompts = [it.prompt for it in items]
             cond = self.backbone.conditioning(prompts)
             res = sample(model, self._scheduler, self.reward, spec, self.num_steps[arm], seed=[it.seed for it in items],
-                         cond=cond, prompts=prompts, device=self.device)
+                         cond=cond, prompts=prompts, device=self.device,
+                         callback=step_callback(self._trainer, arm, self.num_steps[arm]))  # per-step progress on a terminal
             n = len(items)
             # a non-finite final image is a failed sample, never a black "finished" one
             finite = torch.isfinite(res.images.detach().reshape(n, -1)).all(dim=1).cpu()
@@ -267,6 +268,10 @@ class GenerationModule(pl.LightningModule):
         verdict = None
         if trainer.is_global_zero:
             verdict = self._write_run_files(out, summary, run_stats)
+            if trainer.loggers:  # --trainer.logger: final metrics per arm and the sample grid
+                from ntrk_lightning.pipeline.loggers import log_predict_run
+
+                log_predict_run(trainer.loggers, out)
         if trainer.world_size > 1:
             verdict = trainer.strategy.broadcast(verdict, src=0)
         trainer.strategy.barrier()
