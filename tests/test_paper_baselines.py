@@ -59,11 +59,11 @@ def test_renoise_draws_the_forward_transition(flow):
 
 def test_freedom_without_time_travel_is_dps_and_without_guidance_is_plain(gmm_testbed, gmm_reward):
     model, _, sch = gmm_testbed
-    plain = sample(model, sch, gmm_reward, Plain(), S, (6, *SHAPE), seed=2)
-    zero = sample(model, sch, gmm_reward, FreeDoM(scale=0.0, repeats=0), S, (6, *SHAPE), seed=2)
+    plain = sample(model, sch, gmm_reward, Plain(), S, (4, *SHAPE), seed=2)
+    zero = sample(model, sch, gmm_reward, FreeDoM(scale=0.0, repeats=0), S, (4, *SHAPE), seed=2)
     assert torch.equal(zero.samples, plain.samples) and zero.nfe == S and zero.grad_evals == 0
-    dps = sample(model, sch, gmm_reward, DPS(scale=0.05), S, (6, *SHAPE), seed=2)
-    fd = sample(model, sch, gmm_reward, FreeDoM(scale=0.05, repeats=0), S, (6, *SHAPE), seed=2)
+    dps = sample(model, sch, gmm_reward, DPS(scale=0.05), S, (4, *SHAPE), seed=2)
+    fd = sample(model, sch, gmm_reward, FreeDoM(scale=0.05, repeats=0), S, (4, *SHAPE), seed=2)
     assert torch.equal(fd.samples, dps.samples) and fd.grad_evals == dps.grad_evals
 
 
@@ -71,7 +71,7 @@ def test_freedom_nfe_formula_and_dagger(gmm_testbed, gmm_reward):
     """travel_window (0.2, 0.6) of 10 steps = steps 2..5 (4 steps); each redone r times: S + 4r
     NFEs, and a gradient wherever guidance is on (all but the sigma = 0 last step, normalized form)."""
     model, _, sch = gmm_testbed
-    for r in (1, 3):
+    for r in (2,):
         res = sample(model, sch, gmm_reward, FreeDoM(scale=0.05, repeats=r, travel_window=(0.2, 0.6)), S,
                      (3, *SHAPE), seed=3)
         assert res.nfe == S + 4 * r and res.grad_evals == (S - 1) + 4 * r, (r, res.nfe, res.grad_evals)
@@ -81,9 +81,9 @@ def test_freedom_nfe_formula_and_dagger(gmm_testbed, gmm_reward):
                  (3, *SHAPE), seed=3)
     assert res.nfe == S + 8 and res.grad_evals == 0
     # FreeDoM-dagger: best of n FreeDoM trajectories
-    dag = sample(model, sch, gmm_reward, BestOfN(n=3, inner=FreeDoM(scale=0.05, repeats=2, travel_window=(0.2, 0.6))),
+    dag = sample(model, sch, gmm_reward, BestOfN(n=2, inner=FreeDoM(scale=0.05, repeats=2, travel_window=(0.2, 0.6))),
                  S, (2, *SHAPE), seed=3)
-    assert dag.nfe == 3 * (S + 8) and dag.grad_evals == 3 * (S - 1 + 8)
+    assert dag.nfe == 2 * (S + 8) and dag.grad_evals == 2 * (S - 1 + 8)
     assert torch.allclose(dag.rewards, dag.extras["trajectory_rewards"].max(1).values, atol=1e-5)
 
 
@@ -138,9 +138,9 @@ def test_rbf_spends_its_budget_and_rolls_unused_allocation_over(gmm_testbed):
 
 def test_rbf_accounting_matches_the_counting_denoiser(gmm_testbed, gmm_reward):
     model, _, sch = gmm_testbed
-    res = sample(model, sch, gmm_reward, RBF(budget=3 * S), S, (4, *SHAPE), seed=6)
+    res = sample(model, sch, gmm_reward, RBF(budget=2 * S), S, (3, *SHAPE), seed=6)
     per = res.extras["nfe_per_sample"]
-    assert res.nfe == pytest.approx(float(per.double().mean())) and (per == 3 * S).all()
+    assert res.nfe == pytest.approx(float(per.double().mean())) and (per == 2 * S).all()
     assert 0 < res.extras["rollovers"] <= S - 1
 
 
@@ -241,20 +241,35 @@ def test_psi_without_chains_is_smc_and_counts_its_chains(gmm_testbed, gmm_reward
         assert res.extras["mcmc_nfe"] == chain and 0 < res.extras["mcmc_acceptance"] <= 1
 
 
+def test_psi_first_weights_count_the_tilt_of_the_initial_particles_once():
+    """Particles drawn from p(x_T) exp(lam_mcmc r_T) carry importance weight exp(-lam_mcmc r_T)
+    against prior draws, so with the difference potential (first increment lam_0 r_T) the first
+    SMC weight is exp((lam_0 - lam_mcmc) r_T): uniform when the chains sample the SMC's own tilt."""
+    r = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)
+    for lam, mcmc_lam in ((2.0, None), (2.0, 0.5), (1.0, 3.0)):
+        psi = PsiSampler(particles=3, lam=lam, mcmc_lam=mcmc_lam)
+        first = psi.initial_log_weights(r) + psi.lam_at(0, S) * r
+        assert torch.allclose(first, (lam - (lam if mcmc_lam is None else mcmc_lam)) * r)
+    # without chains the particles are prior draws: no correction
+    assert torch.equal(PsiSampler(burn_in=0, mcmc_steps=0).initial_log_weights(r), torch.zeros_like(r))
+
+
 def test_psi_thinning_picks_evenly_spaced_kept_states():
     psi = PsiSampler(particles=6, chains=3, burn_in=0, mcmc_steps=7)
     assert psi.thinned(7, 2) == [3, 6] and psi.thinned(7, 1) == [6] and psi.thinned(4, 4) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_new_samplers_do_not_depend_on_batch_composition(gmm_testbed, gmm_reward):
     model, _, sch = gmm_testbed
-    seeds = [derive_seed(5, 0, i) for i in range(4)]
-    for spec in (FreeDoM(scale=0.05, repeats=1, travel_window=(0.2, 0.6)), RBF(budget=20),
+    seeds = [derive_seed(5, 0, i) for i in range(3)]
+    for spec in (FreeDoM(scale=0.05, repeats=1, travel_window=(0.2, 0.6)), RBF(budget=12),
                  DAS(particles=3, lam=2.0, select="sample", resampling="multinomial"),
                  PsiSampler(particles=2, chains=2, burn_in=1, mcmc_steps=1, lam=2.0)):
-        whole = sample(model, sch, gmm_reward, spec, 6, seed=seeds)
-        parts = [sample(model, sch, gmm_reward, spec, 6, seed=s) for s in (seeds[:1], seeds[1:])]
-        assert torch.allclose(whole.samples, torch.cat([p.samples for p in parts]), atol=1e-4), spec.name
+        whole = sample(model, sch, gmm_reward, spec, 5, seed=seeds)
+        parts = [sample(model, sch, gmm_reward, spec, 5, seed=s) for s in (seeds[:1], seeds[1:])]
+        diff = (whole.samples - torch.cat([p.samples for p in parts])).abs().max()
+        assert diff < 1e-4, (spec.name, float(diff))
 
 
 # ---- every new baseline beats plain sampling at its budget -------------------------------------
@@ -262,18 +277,19 @@ def test_new_samplers_do_not_depend_on_batch_composition(gmm_testbed, gmm_reward
 @pytest.fixture(scope="module")
 def plain_rewards(gmm_testbed, gmm_reward):
     model, _, sch = gmm_testbed
-    return sample(model, sch, gmm_reward, Plain(), S, (64, *SHAPE), seed=41).rewards
+    return sample(model, sch, gmm_reward, Plain(), S, (48, *SHAPE), seed=41).rewards
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", [FreeDoM(scale=0.05, repeats=1), RBF(budget=4 * S), DAS(particles=4, lam=2.0),
+@pytest.mark.parametrize("spec", [FreeDoM(scale=0.1, repeats=2), RBF(budget=4 * S), DAS(particles=4, lam=2.0),
                                   PsiSampler(particles=4, chains=2, burn_in=2, mcmc_steps=2, lam=2.0)],
                          ids=lambda s: s.name)
 def test_each_new_baseline_raises_the_reward(gmm_testbed, gmm_reward, plain_rewards, spec):
-    """Paired over 64 seeds (the same seeds as plain): the mean reward gain must exceed 4 standard
-    errors of the paired differences (a one-sided z of 4: p < 4e-5 under no gain)."""
+    """Paired over 48 seeds (the same seeds as plain): the mean reward gain must exceed 4 standard
+    errors of the paired differences (a one-sided z of 4: p < 4e-5 under no gain; measured z at 64
+    seeds: FreeDoM 9, RBF 19, DAS 19, Psi 22)."""
     model, _, sch = gmm_testbed
-    res = sample(model, sch, gmm_reward, spec, S, (64, *SHAPE), seed=41)
+    res = sample(model, sch, gmm_reward, spec, S, (48, *SHAPE), seed=41)
     d = (res.rewards - plain_rewards).double()
     se = float(d.std() / math.sqrt(d.numel()))
     assert float(d.mean()) > 4 * se, (spec.name, float(d.mean()), se)
@@ -281,9 +297,10 @@ def test_each_new_baseline_raises_the_reward(gmm_testbed, gmm_reward, plain_rewa
 
 # ---- the rectified-flow kernel ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_new_samplers_run_on_the_flow_kernel_with_the_same_accounting(gmm_reward):
     model, _, sch = load_digits_flow_gmm()
-    steps, b = 8, 3
+    steps, b = 8, 2
     expect = {  # sampler: (spec, NFE per sample, gradients per sample); the last flow step has no noise
         "freedom": (FreeDoM(scale=0.05, repeats=2, travel_window=(0.25, 0.5)), steps + 2 * 2, steps - 1 + 2 * 2),
         "freedom_dagger": (BestOfN(n=2, inner=FreeDoM(scale=0.05, repeats=1, travel_window=(0.25, 0.5))),
