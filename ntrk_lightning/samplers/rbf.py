@@ -53,8 +53,8 @@ class RBF(Sampler):
     ones the sample's child stream ``NoiseSource.spawn(1, tag=RBF_CANDIDATE_TAG)``, drawn only for
     the samples that still search, so a sample's result does not depend on its batch.
     ``ctx.extras`` gets ``budget``, ``nfe_per_sample`` ((B,) long tensor), ``rollovers`` (mean per
-    sample: steps left early on an improvement) and ``candidates_per_step`` (mean over samples
-    and scored steps).
+    sample: steps left early on an improvement, their unused allocation rolled over) and
+    ``candidates_per_step`` (mean over samples and scored steps).
     """
 
     budget: int = 100
@@ -140,7 +140,8 @@ class RBF(Sampler):
                 active[idx] = (~hit | exhaust) & (drawn[idx] < cap[idx])
             # rollover: an improving sample keeps what it did not draw; the others start afresh
             carry = torch.where(improved, cap - drawn, torch.zeros_like(cap))
-            rollovers += improved.long()
+            if not exhaust:
+                rollovers += improved.long()
             best = torch.where(improved, r_best, best)
             drawn_total += int(drawn.sum())
             scored_steps += 1
