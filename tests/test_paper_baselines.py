@@ -65,6 +65,13 @@ def test_freedom_without_time_travel_is_dps_and_without_guidance_is_plain(gmm_te
     dps = sample(model, sch, gmm_reward, DPS(scale=0.05), S, (4, *SHAPE), seed=2)
     fd = sample(model, sch, gmm_reward, FreeDoM(scale=0.05, repeats=0), S, (4, *SHAPE), seed=2)
     assert torch.equal(fd.samples, dps.samples) and fd.grad_evals == dps.grad_evals
+    # on the deterministic (eta = 0) kernel only the re-noising can move the path off the plain one:
+    # a redo from the step's own x_t would land exactly on it
+    det = sample(model, sch, gmm_reward, Plain(eta=0.0), S, (4, *SHAPE), seed=2)
+    tt = sample(model, sch, gmm_reward, FreeDoM(scale=0.0, form="unnormalized", eta=0.0, repeats=1), S,
+                (4, *SHAPE), seed=2)
+    moved = (tt.samples - det.samples).flatten(1).norm(dim=1)
+    assert (moved > 0.1).all(), moved
 
 
 def test_freedom_nfe_formula_and_dagger(gmm_testbed, gmm_reward):
