@@ -352,7 +352,6 @@ def test_infinite_gamma_is_not_written_as_black_images(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="lead adds finite checks in samplers")
 def test_nan_gamma_is_a_one_line_config_error(tmp_path, capsys):
     out = tmp_path / "run"
     msg = refused(fast_args(out, ["--model.init_args.samplers.ntrk.init_args.gamma", ".nan",
