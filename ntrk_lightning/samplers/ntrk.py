@@ -73,7 +73,7 @@ class NTRK(TrajectorySampler):
         eta: eta of the underlying stochastic step (> 0: the noise is the channel).
     """
 
-    rho: float = 0.02
+    rho: float = 0.01
     rho_end: Optional[float] = None
     search_k: Optional[int] = None
     mode: Literal["mix", "tilt"] = "mix"
