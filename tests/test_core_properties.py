@@ -1,0 +1,329 @@
+"""Exact identities of the sampling core, checked on tiny analytic models (tests/core_models.py)
+through the public API: Tweedie inversion, hand-written DDIM(eta), the reward-gradient scale of
+both gradient modes, the DPS shift size, DPS == identity-whitened tilt NTRK, the NaN fallback
+with a non-identity whitening, prompts following rows, and the NFE accounting of every sampler.
+
+All comparisons run in float64 where they are exact identities, so tolerances are round-off."""
+
+import math
+
+import pytest
+import torch
+
+from core_models import (GaussianDenoiser, Linear, OracleDenoiser, ddim_reference, ddim_schedule, ddim_sigma,
+                         identity, scheduler)
+from ntrk_lightning import DPS, NTRK, SMC, SVDD, BestOfN, Plain, sample
+from ntrk_lightning.noise import sample_seeds
+
+pytestmark = pytest.mark.core
+
+D = 6
+F64 = torch.float64
+
+
+def _prior(d=D):
+    mean = torch.linspace(-0.5, 0.7, d, dtype=F64)
+    std = torch.linspace(0.3, 1.2, d, dtype=F64)
+    return mean, std
+
+
+def _direction(d=D):
+    return torch.linspace(1.0, -0.6, d, dtype=F64)
+
+
+class Recorder:
+    """Wraps a denoiser and keeps the (detached) x of every call, so trajectories can be read."""
+
+    def __init__(self, fn):
+        self.fn, self.xs = fn, []
+
+    def __call__(self, x, t):
+        self.xs.append(x.detach().clone())
+        return self.fn(x, t)
+
+
+# ---- Tweedie's estimate inverts the forward noising ------------------------------------------------
+
+@pytest.mark.parametrize("spec", [SMC(particles=3, lam=0.5), SVDD(candidates=3)], ids=["smc", "svdd"])
+def test_tweedie_estimate_inverts_forward_noising_at_every_timestep(spec):
+    """With the oracle eps (the noise that maps a fixed x0 to x_t) x0_hat(x_t) = x0 exactly, at
+    every timestep and for every particle/candidate; the reward sees x0_hat, so it records x0
+    every call. Dividing by abar instead of sqrt(abar), or dropping sqrt(1 - abar), breaks this."""
+    sch = scheduler()
+    x0 = torch.linspace(-0.9, 0.8, D, dtype=F64)[None]
+    seen = []
+
+    def reward(images):
+        seen.append(images.detach().clone())
+        return images.sum(1)
+
+    sample(OracleDenoiser(sch, x0), sch, reward, spec, 12, (4, D), seed=1, decode=identity, dtype=F64)
+    assert len(seen) >= 12
+    for x in seen:
+        assert torch.allclose(x, x0.expand_as(x), atol=1e-7, rtol=0)  # diffusers uses float32 (1 - abar)
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+@pytest.mark.parametrize("grad", ["tweedie", "denoiser"])
+def test_reward_gradient_scale_of_both_modes(grad, eta):
+    """Unnormalised DPS adds s * g to the plain step, so (guided - plain state after step 0) / s is
+    the reward gradient the core computed at x_T. For r = <a, x0_hat> and the exact Gaussian eps
+    (eps = c (x - sqrt(abar) m), diagonal c):
+      tweedie mode:  g = grad_x0 r / sqrt(abar) = a / sqrt(abar)
+      denoiser mode: g = d<a, x0_hat(x)>/dx = a (1 - sqrt(1 - abar) c) / sqrt(abar)."""
+    sch = scheduler()
+    mean, std = _prior()
+    a = _direction()
+    den = GaussianDenoiser(sch, mean, std)
+    s = 0.05
+    states = {}
+    for name, spec in (("plain", Plain(eta=eta)), ("dps", DPS(scale=s, form="unnormalized", grad=grad, eta=eta))):
+        rec = Recorder(den)
+        sample(rec, sch, Linear(a), spec, 4, (3, D), seed=2, decode=identity, dtype=F64)
+        states[name] = rec.xs
+    assert torch.equal(states["plain"][0], states["dps"][0])  # same x_T
+    t, abar, _ = ddim_schedule(sch, 4)[0]
+    root_a, c = den.coef(t)
+    expected = a / root_a if grad == "tweedie" else a * (1 - math.sqrt(1 - abar) * c) / root_a
+    got = (states["dps"][1] - states["plain"][1]) / s
+    assert torch.allclose(got, expected.expand_as(got), rtol=1e-6, atol=1e-6)
+
+
+def test_denoiser_mode_gradient_matches_autograd_through_the_composition():
+    """Same as above with a non-linear reward, against autograd through eps -> x0_hat -> r written
+    here (no core code): the core must differentiate the whole composition."""
+    sch = scheduler()
+    mean, std = _prior()
+    den = GaussianDenoiser(sch, mean, std)
+
+    def reward(img):
+        return -(img.flatten(1) - 0.3).pow(2).sum(1) + torch.sin(img.flatten(1)).sum(1)
+
+    s = 0.02
+    plain, dps = Recorder(den), Recorder(den)
+    sample(plain, sch, reward, Plain(), 3, (2, D), seed=5, decode=identity, dtype=F64)
+    sample(dps, sch, reward, DPS(scale=s, form="unnormalized"), 3, (2, D), seed=5, decode=identity, dtype=F64)
+    t, abar, _ = ddim_schedule(sch, 3)[0]
+    x = plain.xs[0].clone().requires_grad_(True)
+    eps = den(x, torch.full((2,), t))
+    x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+    (g,) = torch.autograd.grad(reward(x0).sum(), x)
+    assert torch.allclose((dps.xs[1] - plain.xs[1]) / s, g, rtol=1e-8, atol=1e-9)
+
+
+# ---- DDIM(eta) against the hand-written loop ----------------------------------------------------
+
+REDUCTIONS = {
+    "plain": lambda eta: Plain(eta=eta),
+    "dps_zero": lambda eta: DPS(scale=0.0, form="unnormalized", eta=eta),
+    "ntrk_zero": lambda eta: NTRK(mode="tilt", gamma=0.0, whitening="identity", eta=eta),
+    "best_of_1": lambda eta: BestOfN(n=1, eta=eta),
+    "svdd_1": lambda eta: SVDD(candidates=1, eta=eta),
+    "smc_1": lambda eta: SMC(particles=1, eta=eta),
+}
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("name", list(REDUCTIONS))
+def test_every_sampler_reduces_to_hand_written_ddim_with_its_eta(name, eta):
+    """DDIM(eta): x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps + sigma z with
+    sigma = eta sqrt((1-abar_prev)/(1-abar_t)) sqrt(1 - abar_t/abar_prev), written out in
+    core_models.ddim_reference. Each sampler at its zero-strength / one-candidate setting must be
+    that loop for its own eta (samplers that need noise refuse eta = 0)."""
+    try:
+        spec = REDUCTIONS[name](eta)
+        spec.validate()
+    except ValueError:
+        assert eta == 0.0 and name in ("ntrk_zero", "svdd_1", "smc_1")
+        return
+    sch = scheduler()
+    mean, std = _prior()
+    den = GaussianDenoiser(sch, mean, std)
+    res = sample(den, sch, Linear(_direction()), spec, 7, (5, D), seed=3, decode=identity, dtype=F64)
+    ref = ddim_reference(den, sch, 7, (5, D), seed=3, eta=eta)
+    # diffusers computes its coefficients from float32 alphas: round-off ~1e-7 per step
+    assert torch.allclose(res.samples, ref, rtol=1e-5, atol=1e-5)
+    assert res.nfe == 7
+
+
+def test_eta_changes_the_samples_as_the_formula_says():
+    """eta = 0.5 and eta = 1 differ, each matching its own reference (not the other's), and with
+    leading spacing / set_alpha_to_one=False the last step is stochastic too."""
+    sch = scheduler(set_alpha_to_one=False, timestep_spacing="trailing")
+    mean, std = _prior()
+    den = GaussianDenoiser(sch, mean, std)
+    out = {eta: sample(den, sch, None, Plain(eta=eta), 5, (4, D), seed=8, decode=identity, dtype=F64).samples
+           for eta in (0.5, 1.0)}
+    for eta in (0.5, 1.0):
+        ref = ddim_reference(den, sch, 5, (4, D), seed=8, eta=eta)
+        assert torch.allclose(out[eta], ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out[0.5], out[1.0], atol=1e-3)
+
+
+# ---- DPS: shift size, and equality with identity-whitened tilt NTRK ------------------------------
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_normalized_dps_shift_is_s_sigma_sqrt_d_along_the_gradient(eta):
+    """Normalised DPS moves the plain step by s * sigma_t * sqrt(d) * g/||g||; for r = <a, x0_hat>
+    with the Gaussian eps, g is parallel to a (both gradient modes), so the displacement after
+    step 0 is s * sigma_0 * sqrt(d) * a / ||a||, sigma_0 from the DDIM formula."""
+    sch = scheduler()
+    mean, std = _prior()
+    a = _direction()
+    den = GaussianDenoiser(sch, mean, std)
+    s = 0.3
+    plain, dps = Recorder(den), Recorder(den)
+    sample(plain, sch, None, Plain(eta=eta), 6, (3, D), seed=4, decode=identity, dtype=F64)
+    sample(dps, sch, Linear(a), DPS(scale=s, grad="tweedie", eta=eta), 6, (3, D), seed=4, decode=identity, dtype=F64)
+    _, abar, abar_prev = ddim_schedule(sch, 6)[0]
+    expected = s * ddim_sigma(abar, abar_prev, eta) * math.sqrt(D) * a / a.norm()
+    assert torch.allclose(dps.xs[1] - plain.xs[1], expected.expand(3, D), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad", ["denoiser", "tweedie"])
+def test_normalized_dps_equals_identity_whitened_tilt_ntrk(grad):
+    """NTRK tilt noise eps + gamma sqrt(d) g_hat, unwhitened, scaled by sigma_t, is DPS's normalised
+    shift: sample for sample equal at gamma = s, with the same gradient and NFE counts."""
+    sch = scheduler()
+    mean, std = _prior()
+    den = GaussianDenoiser(sch, mean, std)
+
+    def reward(img):
+        return -(img.flatten(1) - 0.4).pow(2).sum(1)
+
+    for eta in (1.0, 0.6):
+        a = sample(den, sch, reward, DPS(scale=0.4, grad=grad, eta=eta), 8, (5, D), seed=6, decode=identity, dtype=F64)
+        b = sample(den, sch, reward, NTRK(mode="tilt", gamma=0.4, whitening="identity", grad=grad, eta=eta), 8,
+                   (5, D), seed=6, decode=identity, dtype=F64)
+        assert torch.allclose(a.samples, b.samples, rtol=1e-6, atol=1e-6)
+        assert a.nfe == b.nfe == 8 and a.grad_evals == b.grad_evals == 7
+
+
+# ---- NaN fallback with a real whitening -------------------------------------------------------
+
+@pytest.mark.parametrize("spec", [NTRK(mode="tilt", gamma=0.5, whitening="spectral", block=1),
+                                  NTRK(mode="tilt", gamma=0.5, whitening="sphere"),
+                                  NTRK(gamma=0.5, whitening="radial", block=2),
+                                  DPS(scale=0.3)], ids=["tilt-spectral", "tilt-sphere", "default-radial", "dps"])
+def test_nan_gradient_rows_are_exactly_plain_and_counted(spec):
+    """Rows whose reward gradient is NaN fall back to the plain step with the unwhitened noise: with
+    a non-identity whitening, deleting the fallback whitens those rows' noise, which changes them.
+    The other rows are guided (differ from plain) and every (row, step with noise) is counted."""
+    sch = scheduler()
+    shape = (4, 1, 4, 4)
+    mean, std = torch.zeros(1, 4, 4, dtype=F64), torch.full((1, 4, 4), 0.7, dtype=F64)
+    den = GaussianDenoiser(sch, mean, std)
+    bad_rows = torch.tensor([True, False, True, False])
+
+    def reward(images):
+        # a factor, not torch.where: where's backward would also put 0 * NaN into the good rows
+        return images.flatten(1).sum(1) * torch.where(bad_rows, float("nan"), 1.0).to(images.dtype)
+
+    steps = 6
+    plain = sample(den, sch, None, Plain(), steps, shape, seed=9, decode=identity, dtype=F64)
+    res = sample(den, sch, reward, spec, steps, shape, seed=9, decode=identity, dtype=F64)
+    assert torch.equal(res.samples[bad_rows], plain.samples[bad_rows])
+    for i in (1, 3):
+        assert not torch.allclose(res.samples[i], plain.samples[i], atol=1e-3)
+    assert res.nan_fallbacks == 2 * (steps - 1)  # DDIM's last step has sigma = 0
+    assert res.nan_fallbacks_per_sample.tolist() == [steps - 1, 0, steps - 1, 0]
+
+
+# ---- prompts follow rows: a paired property over many seeds ------------------------------------
+
+@pytest.mark.parametrize("spec", [NTRK(gamma=0.5), DPS(scale=0.3), BestOfN(n=3), SVDD(candidates=3),
+                                  SMC(particles=3, lam=3.0)], ids=lambda s: s.name)
+def test_prompts_steer_their_own_samples(spec):
+    """Reward = +mean(x) for prompt "up", -mean(x) for "down". Each seed is sampled twice, once per
+    prompt, on the same noise: only the prompt differs, so the paired difference
+    mean(x | up) - mean(x | down) is exactly 0 if prompts do not reach the reward, or reach the wrong
+    row. Over 24 seeds the mean difference must exceed 4 standard errors (a property of the
+    guidance, not of one seed), and every reward call must see the prompt of its rows."""
+    sch = scheduler()
+    den = GaussianDenoiser(sch, torch.zeros(D, dtype=F64), torch.full((D,), 0.8, dtype=F64))
+    n = 24
+    seeds = sample_seeds(17, n)
+    calls = []
+
+    def reward(images, prompts):
+        calls.append(list(prompts))
+        sign = torch.tensor([1.0 if p == "up" else -1.0 for p in prompts], dtype=images.dtype)
+        return images.flatten(1).mean(1) * sign
+
+    prompts = ["up" if i % 2 == 0 else "down" for i in range(n)]
+    swapped = ["down" if p == "up" else "up" for p in prompts]
+    a = sample(den, sch, reward, spec, 6, (n, D), seed=seeds, prompts=prompts, decode=identity)
+    b = sample(den, sch, reward, spec, 6, (n, D), seed=seeds, prompts=swapped, decode=identity)
+    up_minus_down = (a.samples.mean(1) - b.samples.mean(1)) * torch.tensor([1.0 if p == "up" else -1.0
+                                                                            for p in prompts])
+    se = up_minus_down.std() / math.sqrt(n)
+    assert up_minus_down.mean() > 4 * se, (float(up_minus_down.mean()), float(se))
+    k = spec.rows_per_sample() if not isinstance(spec, SVDD) else 1
+    for c in calls:
+        if len(c) == n * k:
+            assert c in ([p for p in prompts for _ in range(k)], [p for p in swapped for _ in range(k)])
+        else:  # SVDD scores K candidates per sample
+            kk = len(c) // n
+            assert c in ([p for p in prompts for _ in range(kk)], [p for p in swapped for _ in range(kk)])
+
+
+# ---- NFE / gradient accounting and the result record -------------------------------------------
+
+@pytest.mark.parametrize("spec,nfe,grads", [
+    (Plain(), 10, 0),
+    (NTRK(gamma=0.3), 10, 9),
+    (NTRK(gamma=0.3, window=(0.0, 0.5)), 10, 5),
+    (DPS(scale=0.1), 10, 9),
+    (DPS(scale=0.01, form="unnormalized"), 10, 10),
+    (BestOfN(n=3), 30, 0),
+    (SVDD(candidates=3), 1 + 3 * 9, 0),
+    (SMC(particles=3), 30, 0),
+    (SMC(particles=3, proposal="guided"), 30, 27),
+], ids=lambda v: getattr(v, "name", str(v)))
+def test_nfe_and_gradient_accounting(spec, nfe, grads):
+    """Counts per returned sample, S = 10 steps, DDIM's last step deterministic: NTRK/DPS take one
+    gradient per stochastic step (unnormalised DPS also at the last), best-of-N n*S, SVDD
+    1 + K (S - 1) (one eps at x_T, K candidate eps per stochastic step), SMC K*S plus K gradients per
+    stochastic step with the guided proposal."""
+    sch = scheduler()
+    den = GaussianDenoiser(sch, torch.zeros(D, dtype=F64), torch.ones(D, dtype=F64))
+    calls = []
+
+    def counted(x, t):
+        calls.append(x.shape[0])
+        return den(x, t)
+
+    res = sample(counted, sch, Linear(_direction()), spec, 10, (4, D), seed=0, decode=identity)
+    assert res.nfe == nfe and res.grad_evals == grads
+    assert sum(calls) == nfe * 4  # the counter counts what the denoiser really evaluated
+    assert res.samples.shape == (4, D) and res.sampler == spec.name
+    assert torch.equal(res.images, res.samples)
+    assert torch.allclose(res.rewards, Linear(_direction())(res.samples).float())
+    assert res.seconds > 0 and res.nan_fallbacks == 0
+
+
+@pytest.mark.parametrize("spec", [Plain(), NTRK(gamma=0.3), DPS(scale=0.1), BestOfN(n=3),
+                                  SVDD(candidates=3, alpha=0.3), SMC(particles=3, lam=2.0, select="sample",
+                                                                     resampling="multinomial")],
+                         ids=lambda s: s.name)
+def test_samples_do_not_depend_on_batch_composition(spec):
+    sch = scheduler()
+    den = GaussianDenoiser(sch, torch.zeros(D, dtype=F64), torch.ones(D, dtype=F64))
+    seeds = sample_seeds(4, 5)
+    whole = sample(den, sch, Linear(_direction()), spec, 6, seed=seeds, shape=(5, D), decode=identity)
+    parts = [sample(den, sch, Linear(_direction()), spec, 6, seed=s, shape=(len(s), D), decode=identity)
+             for s in (seeds[:2], seeds[2:])]
+    assert torch.allclose(whole.samples, torch.cat([p.samples for p in parts]), atol=1e-6)
+    # an int seed is the same as its derived per-sample seeds
+    again = sample(den, sch, Linear(_direction()), spec, 6, (5, D), seed=4, decode=identity)
+    assert torch.equal(again.samples, whole.samples)
+
+
+def test_default_decode_maps_minus_one_one_to_unit_interval_and_sampler_defaults_to_ntrk():
+    sch = scheduler()
+    den = GaussianDenoiser(sch, torch.zeros(D, dtype=F64), torch.ones(D, dtype=F64))
+    res = sample(den, sch, Linear(_direction()), None, 4, (2, D), seed=0)
+    assert res.sampler == "ntrk" and res.grad_evals == 3
+    assert torch.allclose(res.images, (res.samples + 1) / 2)
+    plain = sample(den, sch, None, Plain(), 4, (2, D), seed=0)
+    assert torch.isnan(plain.rewards).all()  # no reward: NaN rewards, not zeros
