@@ -114,3 +114,26 @@ class Linear:
 
 def identity(x: Tensor) -> Tensor:
     return x
+
+
+def plain_ddim_law(den: GaussianDenoiser, sch: DDIMScheduler, num_steps: int, eta: float) -> tuple[Tensor, Tensor]:
+    """Exact per-coordinate mean and variance of what DDIM(eta) with the exact Gaussian eps returns.
+
+    Each step is affine in x plus independent Gaussian noise, x_prev = A x + B + sigma z, so the law
+    stays Gaussian: mean' = A mean + B, var' = A^2 var + sigma^2, starting from N(0, 1). (Coarse
+    DDIM does not return the prior exactly; samplers targeting "the model tilted by the reward" target
+    this law, tilted.)"""
+    mean = torch.zeros_like(den.mean)
+    var = torch.ones_like(den.mean)
+    for t, a, a_prev in ddim_schedule(sch, num_steps):
+        _, c = den.coef(t)
+        sigma = ddim_sigma(a, a_prev, eta)
+        k = math.sqrt(1 - a_prev - sigma ** 2)
+
+        def step(x: Tensor) -> Tensor:
+            eps = c * (x - math.sqrt(a) * den.mean)
+            return math.sqrt(a_prev) * (x - math.sqrt(1 - a) * eps) / math.sqrt(a) + k * eps
+
+        slope = step(torch.ones_like(mean)) - step(torch.zeros_like(mean))
+        mean, var = step(mean), slope ** 2 * var + sigma ** 2
+    return mean, var
