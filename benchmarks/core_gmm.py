@@ -32,10 +32,10 @@ def sweep(n: int) -> list[dict[str, Any]]:
     specs: list[tuple[str, Any]] = [("plain", ntrk.Plain())]
     for kind, block in WHITENINGS:
         for g in GAMMAS:
-            specs.append((f"ntrk tilt {kind}/{block} gamma={g}", ntrk.NTRK(gamma=g, whitening=kind, block=block)))
+            specs.append((f"ntrk tilt {kind}/{block} gamma={g}", ntrk.NTRK(mode="tilt", gamma=g, whitening=kind, block=block)))
     for rho in (0.2, 0.4):
-        specs.append((f"ntrk mix spectral/1 rho={rho}", ntrk.NTRK(mode="mix", rho=rho)))
-    specs.append(("ntrk tilt spectral/1 gamma=0.1 grad=tweedie", ntrk.NTRK(gamma=0.1, grad="tweedie")))
+        specs.append((f"ntrk mix spectral/1 rho={rho}", ntrk.NTRK(rho=rho * rho)))
+    specs.append(("ntrk tilt spectral/1 gamma=0.1 grad=tweedie", ntrk.NTRK(mode="tilt", gamma=0.1, grad="tweedie")))
     rows = []
     for label, spec in specs:
         res = ntrk.sample(tb.model, tb.scheduler, tb.reward, spec, 25, seed=seeds)

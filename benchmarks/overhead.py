@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     model, sch = load_digits_unet(), make_scheduler()
     reward = DigitClassifierReward(target=3)
     shape = (args.batch, *model.sample_shape)
-    specs = {"plain": ntrk.Plain(), "dps": ntrk.DPS(scale=0.1), "ntrk": ntrk.NTRK(gamma=0.1)}
+    specs = {"plain": ntrk.Plain(), "dps": ntrk.DPS(scale=0.1), "ntrk": ntrk.NTRK(mode="tilt", gamma=0.1)}
     per_step: dict[str, list[float]] = {k: [] for k in specs}
     for name, spec in specs.items():  # warm-up
         ntrk.sample(model, sch, reward, spec, 3, shape, seed=0)

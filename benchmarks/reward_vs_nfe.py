@@ -49,7 +49,7 @@ def candidates(name: str, budget: int, grid: tuple[float, ...]) -> tuple[int, li
     if name in ("ntrk", "dps"):
         scale = math.sqrt(BASE_STEPS / budget)
         if name == "ntrk":
-            return budget, [ntrk.NTRK(gamma=round(g * scale, 5)) for g in grid]
+            return budget, [ntrk.NTRK(mode="tilt", gamma=round(g * scale, 5)) for g in grid]
         return budget, [ntrk.DPS(scale=round(g * scale, 5)) for g in grid]
     if name == "best_of_n":
         return s, [ntrk.BestOfN(n=max(1, budget // s))]

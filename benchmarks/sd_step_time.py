@@ -246,7 +246,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         prompts = [prompts[i % len(prompts)] for i in range(args.batch)]
         cond = backbone.conditioning(prompts)
         seeds = list(range(args.batch))
-        samplers = {"plain": Plain(), "dps": DPS(scale=args.dps_scale), "ntrk": NTRK(gamma=args.ntrk_gamma)}
+        samplers = {"plain": Plain(), "dps": DPS(scale=args.dps_scale), "ntrk": NTRK(mode="tilt", gamma=args.ntrk_gamma)}
         results = {}
         for name, spec in samplers.items():
             results[name] = measure(model, scheduler, reward, spec, steps, seeds, cond, prompts, device,

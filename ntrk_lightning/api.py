@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import time
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -11,22 +10,10 @@ import torch
 from torch import Tensor
 
 from ntrk_lightning.denoiser import CountingDenoiser, DiffusionModel, identity_decode
+from ntrk_lightning.kernels import check_scheduler
 from ntrk_lightning.noise import NoiseSource, sample_seeds
 from ntrk_lightning.samplers import NTRK, Sampler, SampleResult, SamplingContext
-
-
-def check_scheduler(scheduler: Any) -> None:
-    """Refuse schedulers the core cannot drive, before any model work."""
-    step = getattr(scheduler, "step", None)
-    if step is None or "variance_noise" not in inspect.signature(step).parameters:
-        raise TypeError(
-            f"{type(scheduler).__name__} cannot take the caller's noise; use diffusers.DDIMScheduler "
-            "(its step(..., eta, variance_noise=...) is the injection point NTRK needs)")
-    pred = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
-    if pred != "epsilon":
-        raise ValueError(
-            f"scheduler prediction_type is {pred!r}: the core works with epsilon predictions; convert "
-            "v/x0 outputs to eps in the denoiser adapter and configure prediction_type='epsilon'")
+from ntrk_lightning.samplers.base import StepCallback
 
 
 def sample(
@@ -43,13 +30,18 @@ def sample(
     prompts: Optional[Sequence[str]] = None,
     device: Union[str, torch.device, None] = None,
     dtype: torch.dtype = torch.float32,
+    callback: Optional[StepCallback] = None,
 ) -> SampleResult:
     """Draw a batch of samples from a pretrained diffusion model steered by a reward.
 
     Args:
-        denoiser: ``eps = f(x_t, t)`` or ``f(x_t, t, cond)`` (``t``: 1-D long tensor of training
-            timesteps), or a :class:`DiffusionModel` (its ``decode``/``sample_shape`` are used).
-        scheduler: a configured diffusers ``DDIMScheduler`` (copied; yours is not modified).
+        denoiser: ``out = f(x_t, t)`` or ``f(x_t, t, cond)``, or a :class:`DiffusionModel` (its
+            ``decode``/``sample_shape`` are used). With a ``DDIMScheduler`` ``out`` is the eps
+            prediction and ``t`` a 1-D long tensor of training timesteps; with a
+            ``FlowMatchEulerDiscreteScheduler`` ``out`` is the velocity (eps - x0) and ``t`` the
+            scheduler's float timesteps (sigma * 1000).
+        scheduler: a configured diffusers ``DDIMScheduler`` or ``FlowMatchEulerDiscreteScheduler``
+            (copied; yours is not modified).
         reward: differentiable ``r = reward(images)`` (or ``reward(images, prompts)`` when
             ``prompts`` is given) mapping decoded images in [0, 1] to a (B,) tensor.
             May be ``None`` for the plain sampler.
@@ -64,6 +56,8 @@ def sample(
         prompts: one string per sample, handed to the reward.
         device, dtype: where and in which precision the state lives (default: the denoiser's
             parameters' device if it is a module, else CPU).
+        callback: called after every reverse step with a dict ``{"step", "num_steps", "x",
+            "denoised", "sampler"}`` (k-diffusion style; for progress bars and previews).
 
     Returns:
         SampleResult with ``samples`` (model space), ``images``, ``rewards``, ``nfe`` and
@@ -114,10 +108,9 @@ def sample(
     noise = NoiseSource(seeds, shape[1:], device, dtype)
     ctx = SamplingContext(counting, copy.deepcopy(scheduler), reward, decode, num_steps,
                           noise if k == 1 else noise.spawn(k), cond=cond, prompts=prompts,
-                          eta=getattr(sampler, "eta", 1.0), batch_size=shape[0])
+                          eta=sampler.step_eta(), batch_size=shape[0], callback=callback)
     start = time.perf_counter()
-    x_T = ctx.noise.randn() * float(getattr(ctx.scheduler, "init_noise_sigma", 1.0))
-    x0 = sampler.run(ctx, x_T)
+    x0 = sampler.run(ctx, ctx.initial_noise())
     rows = torch.arange(shape[0])
     images, rewards = ctx.final(x0, rows)
     if device.type == "cuda":

@@ -73,7 +73,7 @@ def test_ntrk_steers_the_real_model_toward_the_target_digit(digits_model):
     judge = DigitClassifierReward(target=3, classifier="judge", score="hit")
     n = 128
     plain = ntrk.sample(model, sch, reward, ntrk.Plain(), 25, (n, 1, 16, 16), seed=7)
-    guided = ntrk.sample(model, sch, reward, ntrk.NTRK(gamma=0.1), 25, (n, 1, 16, 16), seed=7)
+    guided = ntrk.sample(model, sch, reward, ntrk.NTRK(mode="tilt", gamma=0.1), 25, (n, 1, 16, 16), seed=7)
     diff = guided.rewards.mean() - plain.rewards.mean()
     se = math.sqrt(guided.rewards.var() / n + plain.rewards.var() / n)
     assert diff > 10 * se, (float(diff), se)

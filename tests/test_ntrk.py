@@ -36,7 +36,7 @@ def _recording(scheduler):
 def test_ntrk_changes_only_the_noise_the_mean_is_pretrained(gmm_testbed, gmm_reward):
     model, gmm, sch = gmm_testbed
     rec = _recording(sch)
-    res = sample(model, rec, gmm_reward, NTRK(gamma=0.5), num_steps=10, shape=(6, *SHAPE), seed=3)
+    res = sample(model, rec, gmm_reward, NTRK(mode="tilt", gamma=0.5), num_steps=10, shape=(6, *SHAPE), seed=3)
     assert len(CALLS) == 10 and res.nfe == 10
     plain_sched = DDIMScheduler.from_config(sch.config)
     plain_sched.set_timesteps(10)
@@ -61,8 +61,8 @@ def test_ntrk_changes_only_the_noise_the_mean_is_pretrained(gmm_testbed, gmm_rew
 def test_gamma_zero_identity_whitening_is_exactly_plain(gmm_testbed, gmm_reward):
     model, _, sch = gmm_testbed
     a = sample(model, sch, gmm_reward, Plain(), 12, (8, *SHAPE), seed=5)
-    b = sample(model, sch, gmm_reward, NTRK(gamma=0.0, whitening="identity"), 12, (8, *SHAPE), seed=5)
-    c = sample(model, sch, gmm_reward, NTRK(mode="mix", rho=0.0), 12, (8, *SHAPE), seed=5)
+    b = sample(model, sch, gmm_reward, NTRK(mode="tilt", gamma=0.0, whitening="identity"), 12, (8, *SHAPE), seed=5)
+    c = sample(model, sch, gmm_reward, NTRK(rho=0.0), 12, (8, *SHAPE), seed=5)
     assert torch.equal(a.samples, b.samples) and torch.equal(a.samples, c.samples)
     assert b.grad_evals == 0 and b.nfe == a.nfe == 12
 
@@ -75,7 +75,7 @@ def test_gamma_zero_matches_plain_in_distribution(gmm_testbed, gmm_reward, gmm_j
     model, gmm, sch = gmm_testbed
     n = 768
     plain = sample(model, sch, gmm_reward, Plain(), 25, (n, *SHAPE), seed=11)
-    ntrk0 = sample(model, sch, gmm_reward, NTRK(gamma=0.0), 25, (n, *SHAPE), seed=12)
+    ntrk0 = sample(model, sch, gmm_reward, NTRK(mode="tilt", gamma=0.0), 25, (n, *SHAPE), seed=12)
     assert ntrk0.grad_evals == 0
     lp_a, lp_b = gmm.log_prob(plain.samples), gmm.log_prob(ntrk0.samples)
     assert st.ks_2samp(lp_a.numpy(), lp_b.numpy()).pvalue > 1e-3
@@ -92,8 +92,8 @@ def test_ntrk_raises_reward_far_beyond_seed_noise(gmm_testbed, gmm_reward, gmm_j
     model, gmm, sch = gmm_testbed
     n = 256
     plain = sample(model, sch, gmm_reward, Plain(), 25, (n, *SHAPE), seed=21)
-    for spec in (NTRK(gamma=0.2), NTRK(gamma=0.2, whitening="radial", block=2),
-                 NTRK(mode="mix", rho=0.3), NTRK(gamma=0.3, grad="tweedie")):
+    for spec in (NTRK(mode="tilt", gamma=0.2), NTRK(mode="tilt", gamma=0.2, whitening="radial", block=2),
+                 NTRK(rho=0.09), NTRK(mode="tilt", gamma=0.3, grad="tweedie")):
         guided = sample(model, sch, gmm_reward, spec, 25, (n, *SHAPE), seed=21)
         diff = guided.rewards.mean() - plain.rewards.mean()
         se = math.sqrt(guided.rewards.var() / n + plain.rewards.var() / n)
@@ -113,7 +113,7 @@ def test_nan_gradient_falls_back_to_plain_noise_and_is_counted(gmm_testbed, gmm_
         return torch.cat([r[:1] * float("nan"), r[1:]])  # sample 0 always gets a NaN gradient
 
     plain = sample(model, sch, None, Plain(), 10, (4, *SHAPE), seed=7)
-    res = sample(model, sch, reward, NTRK(gamma=0.5, whitening="identity"), 10, (4, *SHAPE), seed=7)
+    res = sample(model, sch, reward, NTRK(mode="tilt", gamma=0.5, whitening="identity"), 10, (4, *SHAPE), seed=7)
     assert res.nan_fallbacks == 9  # one sample x the 9 steps that have noise
     assert res.nan_fallbacks_per_sample.tolist() == [9, 0, 0, 0]
     assert torch.allclose(res.samples[0], plain.samples[0], atol=1e-6)
@@ -129,10 +129,10 @@ def test_tweedie_mode_does_not_backprop_through_the_denoiser(gmm_testbed, gmm_re
         seen.append(x.requires_grad)
         return gmm.eps(x, t)
 
-    sample(eps, sch, gmm_reward, NTRK(gamma=0.3, grad="tweedie"), 5, (2, *SHAPE), seed=0)
+    sample(eps, sch, gmm_reward, NTRK(mode="tilt", gamma=0.3, grad="tweedie"), 5, (2, *SHAPE), seed=0)
     assert seen and not any(seen)
     seen.clear()
-    sample(eps, sch, gmm_reward, NTRK(gamma=0.3, grad="denoiser"), 5, (2, *SHAPE), seed=0)
+    sample(eps, sch, gmm_reward, NTRK(mode="tilt", gamma=0.3, grad="denoiser"), 5, (2, *SHAPE), seed=0)
     assert sum(seen) == 4  # every step with noise differentiates through the denoiser
 
 
@@ -140,21 +140,21 @@ def test_tweedie_mode_does_not_backprop_through_the_denoiser(gmm_testbed, gmm_re
 def test_window_and_linear_schedule():
     assert strength(0, 10, 2.0, 0.0) == 2.0 and strength(9, 10, 2.0, 0.0) == 0.0
     assert strength(3, 10, 1.0, None, (0.0, 0.3)) == 0.0 and strength(2, 10, 1.0, None, (0.0, 0.3)) == 1.0
-    spec = NTRK(gamma=1.0, gamma_end=0.0, window=(0.2, 0.6))
+    spec = NTRK(mode="tilt", gamma=1.0, gamma_end=0.0, window=(0.2, 0.6))
     assert [spec.strength_at(i, 10) for i in range(10)] == pytest.approx(
         [0, 0, 1 - 2 / 9, 1 - 3 / 9, 1 - 4 / 9, 1 - 5 / 9, 0, 0, 0, 0])
 
 
 def test_window_limits_gradient_work(gmm_testbed, gmm_reward):
     model, _, sch = gmm_testbed
-    res = sample(model, sch, gmm_reward, NTRK(gamma=0.3, window=(0.0, 0.5)), 25, (2, *SHAPE), seed=0)
+    res = sample(model, sch, gmm_reward, NTRK(mode="tilt", gamma=0.3, window=(0.0, 0.5)), 25, (2, *SHAPE), seed=0)
     assert res.grad_evals == 13 and res.nfe == 25  # steps 0..12 have i/25 < 0.5
 
 
 def test_samples_do_not_depend_on_batch_composition(gmm_testbed, gmm_reward):
     model, _, sch = gmm_testbed
     seeds = [derive_seed(9, 0, i) for i in range(6)]
-    for spec in (Plain(), NTRK(gamma=0.3)):
+    for spec in (Plain(), NTRK(mode="tilt", gamma=0.3)):
         whole = sample(model, sch, gmm_reward, spec, 8, seed=seeds)
         parts = [sample(model, sch, gmm_reward, spec, 8, seed=s) for s in (seeds[:2], seeds[2:5], seeds[5:])]
         assert torch.allclose(whole.samples, torch.cat([p.samples for p in parts]), atol=1e-5)
@@ -181,8 +181,8 @@ def test_classifier_free_guidance_with_conditioning():
     manual = net(x, None, u) + 3.0 * (net(x, None, c) - net(x, None, u))
     assert torch.allclose(cfg(x, torch.zeros(2, dtype=torch.long), (c, u)), manual)
     reward = lambda img: img.mean((1, 2, 3))  # noqa: E731
-    res = sample(cfg, sch, reward, NTRK(gamma=0.2), 6, (2, 1, 4, 4), seed=0, cond=(c, u))
-    res_swapped = sample(cfg, sch, reward, NTRK(gamma=0.2), 6, (2, 1, 4, 4), seed=0, cond=(c.flip(0), u))
+    res = sample(cfg, sch, reward, NTRK(mode="tilt", gamma=0.2), 6, (2, 1, 4, 4), seed=0, cond=(c, u))
+    res_swapped = sample(cfg, sch, reward, NTRK(mode="tilt", gamma=0.2), 6, (2, 1, 4, 4), seed=0, cond=(c.flip(0), u))
     assert not torch.allclose(res.samples, res_swapped.samples)
     assert res.nfe == 6
 
@@ -203,7 +203,7 @@ def test_prompts_reach_the_reward():
     n = 32
     prompts = ["up", "down"] * (n // 2)
     swapped = ["down", "up"] * (n // 2)
-    runs = [sample(lambda x, t: 0.1 * x, sch, reward, NTRK(gamma=0.5), 4, (n, 1, 4, 4), seed=0, prompts=p)
+    runs = [sample(lambda x, t: 0.1 * x, sch, reward, NTRK(mode="tilt", gamma=0.5), 4, (n, 1, 4, 4), seed=0, prompts=p)
             for p in (prompts, swapped)]
     assert got and all(g in (prompts, swapped) for g in got)
     sign = torch.tensor([1.0 if p == "up" else -1.0 for p in prompts])
@@ -224,7 +224,7 @@ def test_bad_input_is_refused_early(gmm_testbed, gmm_reward):
         (dict(sampler=NTRK(eta=0.0)), ValueError, "eta"),
         (dict(sampler=NTRK(window=(0.5, 0.2))), ValueError, "window"),
         (dict(sampler=NTRK(whitening="pink")), ValueError, "whitening"),
-        (dict(sampler=NTRK(rho=1.5, mode="mix")), ValueError, "rho"),
+        (dict(sampler=NTRK(rho=1.5)), ValueError, "rho"),
         (dict(scheduler=DDPMScheduler()), TypeError, "DDIMScheduler"),
         (dict(scheduler=DDIMScheduler(prediction_type="v_prediction")), ValueError, "epsilon"),
         (dict(reward=None), ValueError, "needs a reward"),

@@ -309,7 +309,7 @@ def test_ntrk_raises_the_random_aesthetic_reward_over_plain(sd, aesthetic):
     seeds = list(range(100, 100 + n))
     model, sched = sd.model(), sd.make_scheduler()
     plain = sample(model, sched, aesthetic, Plain(), 10, seed=seeds, cond=cond, prompts=prompts)
-    ntrk = sample(model, sched, aesthetic, NTRK(gamma=1.0), 10, seed=seeds, cond=cond, prompts=prompts)
+    ntrk = sample(model, sched, aesthetic, NTRK(mode="tilt", gamma=1.0), 10, seed=seeds, cond=cond, prompts=prompts)
     d = ntrk.rewards - plain.rewards
     se = float(d.std() / math.sqrt(n))
     print(f"aesthetic (random weights): plain {plain.rewards.mean():.4f}, ntrk {ntrk.rewards.mean():.4f}, "

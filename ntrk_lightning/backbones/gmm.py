@@ -125,6 +125,26 @@ class DigitsGMM(torch.nn.Module):
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         return self.eps(x, t)
 
+    def velocity(self, x: Tensor, t: Tensor) -> Tensor:
+        """The exact rectified-flow velocity E[eps - x0 | x_t] for x_t = (1 - s) x0 + s eps, where
+        ``t`` holds flow-scheduler timesteps s * 1000 (diffusers' FlowMatchEulerDiscreteScheduler).
+
+        The noised mixture is again a mixture, N((1 - s) mu_k, (1 - s)^2 S_k + s^2 I); per component
+        E[x0 | x_t, k] = mu_k + a S_k (a^2 S_k + s^2 I)^-1 (x_t - a mu_k) (a = 1 - s), which stays
+        finite at s = 1 (pure noise), and E[eps | x_t] = -s grad log p_t(x_t)."""
+        shape, dtype = x.shape, x.dtype
+        xf = x.reshape(shape[0], DIM).double()
+        sigma = (torch.as_tensor(t, device=x.device).double().reshape(-1) / 1000.0).expand(shape[0])
+        a, s2 = 1.0 - sigma, sigma * sigma
+        logp, proj, var = self._component_terms(xf, a, s2)
+        resp = torch.softmax(logp, dim=1)                                   # (B, K)
+        whitened = proj / var                                               # Cov_k^-1 resid, eigenbasis
+        neg_score = torch.bmm((resp[:, :, None] * whitened).transpose(0, 1), self.U.transpose(1, 2)).sum(0)
+        shrink = (resp[:, :, None] * a[:, None, None] * self.lam[None] * whitened).transpose(0, 1)
+        x0_mean = (resp @ self.means) + torch.bmm(shrink, self.U.transpose(1, 2)).sum(0)
+        eps_mean = sigma[:, None] * neg_score
+        return (eps_mean - x0_mean).to(dtype).reshape(shape)
+
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact log p_0(x) of the mixture, (B,), for state-space x in [-1, 1] units."""
         xf = x.reshape(x.shape[0], DIM).double()
@@ -151,6 +171,25 @@ def make_scheduler(num_train_timesteps: int = 1000):
                          prediction_type="epsilon")
 
 
+def make_flow_scheduler(shift: float = 1.0):
+    """The rectified-flow schedule (diffusers' FlowMatchEulerDiscreteScheduler, static shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(shift))
+
+
+def load_digits_flow_gmm(components_per_class: int = 3, reg_covar: float = 1e-2, seed: int = 0,
+                         shift: float = 1.0) -> tuple[DiffusionModel, "DigitsGMM", object]:
+    """The analytic mixture as a rectified-flow model: (DiffusionModel whose denoiser is the exact
+    velocity, the DigitsGMM, a FlowMatchEulerDiscreteScheduler)."""
+    scheduler = make_flow_scheduler(shift)
+    gmm = DigitsGMM(fit_digits_gmm(components_per_class, reg_covar, seed), make_scheduler().alphas_cumprod)
+    model = DiffusionModel(denoiser=gmm.velocity, decode=identity_decode, sample_shape=(1, SIDE, SIDE),
+                           name="digits-gmm-flow", meta={"components_per_class": components_per_class,
+                                                         "reg_covar": reg_covar, "seed": seed, "shift": shift})
+    return model, gmm, scheduler
+
+
 def load_digits_gmm(components_per_class: int = 3, reg_covar: float = 1e-2, seed: int = 0,
                     scheduler=None) -> tuple[DiffusionModel, "DigitsGMM", object]:
     """The analytic backbone: (DiffusionModel for the core, the DigitsGMM itself, its scheduler)."""
@@ -171,11 +210,14 @@ class DigitsGMMBackbone(Backbone):
 
     conditional = False
 
-    def __init__(self, components_per_class: int = 3, reg_covar: float = 1e-2, seed: int = 0) -> None:
+    def __init__(self, components_per_class: int = 3, reg_covar: float = 1e-2, seed: int = 0,
+                 flow: bool = False) -> None:
+        """``flow=True``: the same mixture as a rectified-flow model (exact velocity, flow schedule)."""
         super().__init__()
         if int(components_per_class) < 1:
             raise ValueError(f"components_per_class must be >= 1, got {components_per_class}")
-        self.name = "digits-gmm"
+        self.flow = bool(flow)
+        self.name = "digits-gmm-flow" if self.flow else "digits-gmm"
         self.components_per_class, self.reg_covar, self.seed = int(components_per_class), float(reg_covar), int(seed)
         self.gmm: DigitsGMM | None = None
 
@@ -186,12 +228,12 @@ class DigitsGMMBackbone(Backbone):
     def model(self) -> DiffusionModel:
         if self.gmm is None:
             raise RuntimeError("call load() first")
-        return DiffusionModel(denoiser=self.gmm.eps, decode=identity_decode, sample_shape=(1, SIDE, SIDE),
-                              name=self.name)
+        fn = self.gmm.velocity if self.flow else self.gmm.eps
+        return DiffusionModel(denoiser=fn, decode=identity_decode, sample_shape=(1, SIDE, SIDE), name=self.name)
 
     def make_scheduler(self):
-        return make_scheduler()
+        return make_flow_scheduler() if self.flow else make_scheduler()
 
     def describe(self) -> dict:
         return {"name": self.name, "components_per_class": self.components_per_class,
-                "reg_covar": self.reg_covar, "seed": self.seed}
+                "reg_covar": self.reg_covar, "seed": self.seed, "flow": self.flow}

@@ -7,6 +7,7 @@ from typing import Any
 from ntrk_lightning.samplers.base import Sampler, SampleResult, SamplingContext
 from ntrk_lightning.samplers.best_of_n import BestOfN
 from ntrk_lightning.samplers.dps import DPS
+from ntrk_lightning.samplers.loop import TrajectorySampler, run_trajectory
 from ntrk_lightning.samplers.ntrk import NTRK
 from ntrk_lightning.samplers.plain import Plain
 from ntrk_lightning.samplers.smc import SMC
@@ -33,5 +34,5 @@ def make_sampler(name: str, **kwargs: Any) -> Sampler:
     return sampler
 
 
-__all__ = ["Sampler", "SampleResult", "SamplingContext", "NTRK", "Plain", "DPS", "BestOfN", "SVDD", "SMC",
+__all__ = ["Sampler", "SampleResult", "SamplingContext", "TrajectorySampler", "run_trajectory", "NTRK", "Plain", "DPS", "BestOfN", "SVDD", "SMC",
            "REGISTRY", "register", "make_sampler"]

@@ -22,6 +22,7 @@ from ntrk_lightning.noise import derive_seed
 SVDD_SELECT_TAG = 101
 SMC_RESAMPLE_TAG = 102
 SMC_SELECT_TAG = 103
+SVDD_CANDIDATE_TAG = 104
 
 
 def normalize_log_weights(log_w: Tensor) -> Tensor:

@@ -78,6 +78,16 @@ class SMC(Sampler):
     eta: float = 1.0
 
     name: ClassVar[str] = "smc"
+    nfe_formula: ClassVar[str] = "K * S (+ K backward per guided step)"
+    source: ClassVar[str] = ("Wu et al. 2023 (TDS); Singhal et al. 2025 (FK steering); Kim et al. 2025 (DAS, "
+                             "arXiv:2501.05803)")
+    choices: ClassVar[dict] = {"potential": ("difference", "max", "sum"), "tempering": ("none", "linear"),
+                               "resampling": ("systematic", "multinomial"), "proposal": ("prior", "guided"),
+                               "grad": ("denoiser", "tweedie"), "select": ("best", "sample")}
+    positive_ints: ClassVar[tuple] = ("particles",)
+    nonnegative: ClassVar[tuple] = ("lam", "guidance")
+    unit_interval: ClassVar[tuple] = ("ess_threshold",)
+    eta_min_open: ClassVar[bool] = True
 
     @property
     def needs_gradient(self) -> bool:  # type: ignore[override]
@@ -85,24 +95,6 @@ class SMC(Sampler):
 
     def rows_per_sample(self) -> int:
         return int(self.particles)
-
-    def validate(self) -> None:
-        if int(self.particles) != self.particles or self.particles < 1:
-            raise ValueError(f"smc: particles must be an integer >= 1, got {self.particles}")
-        if not (math.isfinite(self.lam) and self.lam >= 0):
-            raise ValueError(f"smc: lam must be finite and >= 0, got {self.lam}")
-        choices = {"potential": ("difference", "max", "sum"), "tempering": ("none", "linear"),
-                   "resampling": ("systematic", "multinomial"), "proposal": ("prior", "guided"),
-                   "grad": ("denoiser", "tweedie"), "select": ("best", "sample")}
-        for field_name, allowed in choices.items():
-            if getattr(self, field_name) not in allowed:
-                raise ValueError(f"smc: {field_name} must be one of {allowed}, got {getattr(self, field_name)!r}")
-        if not 0.0 <= self.ess_threshold <= 1.0:
-            raise ValueError(f"smc: ess_threshold must be in [0, 1], got {self.ess_threshold}")
-        if not (math.isfinite(self.guidance) and self.guidance >= 0):
-            raise ValueError(f"smc: guidance must be finite and >= 0, got {self.guidance}")
-        if not 0.0 < self.eta <= 1.0:
-            raise ValueError(f"smc: eta must be in (0, 1], got {self.eta}")
 
     def lam_at(self, step: int, num_steps: int) -> float:
         """lam_i for reverse step ``step`` (0 = x_T); ``step == num_steps`` is x_0."""
@@ -122,7 +114,7 @@ class SMC(Sampler):
             state = r if first else state + r
         return log_w + lam * state, state
 
-    def run(self, ctx: SamplingContext, x: Tensor) -> Tensor:
+    def run(self, ctx: SamplingContext, x: Tensor, rows: Optional[Tensor] = None) -> Tensor:
         k = int(self.particles)
         b = ctx.batch_size
         if x.shape[0] != b * k:
@@ -138,14 +130,13 @@ class SMC(Sampler):
         for i in range(s_steps):
             sigma = ctx.std(i)
             lam_i = self.lam_at(i, s_steps)
-            t = ctx.timesteps[i]
             guided = self.proposal == "guided" and sigma > 0 and self.guidance > 0 and lam_i > 0
             g: Optional[Tensor] = None
             if guided:
                 eps, g, r = ctx.eps_and_grad(x, i, rows, self.grad)
             else:
                 eps = ctx.eps(x, i, rows)
-                r = ctx.reward_nograd(ctx.tweedie(x, eps, t), rows)
+                r = ctx.reward_nograd(ctx.x0_hat(x, eps, i), rows)
             r = r.double().cpu().view(b, k)
             log_w, state = self._update(log_w, state, r, lam_i, first=i == 0)
             if streams is not None:
@@ -179,6 +170,7 @@ class SMC(Sampler):
                 sh = shift.flatten(1).double()
                 corr = -((sh * sh).sum(1) + 2.0 * sigma * (sh * z.flatten(1).double()).sum(1)) / (2.0 * sigma * sigma)
                 log_w = log_w + corr.cpu().view(b, k)
+            ctx.step_done(i, x_next, eps, x, self.name)
             x = x_next
         # the final potential, on x_0 itself (its reward costs no NFE, as in ctx.final)
         r0 = ctx.reward_nograd(x, rows).double().cpu().view(b, k)

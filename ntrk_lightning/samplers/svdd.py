@@ -12,13 +12,13 @@ deterministic step (1 + K * (S - 1) for DDIM with a final sigma = 0 step). No re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
 
 from ntrk_lightning.samplers.base import Sampler, SamplingContext
-from ntrk_lightning.samplers.resampling import SVDD_SELECT_TAG, GroupStreams, categorical, flat_indices
+from ntrk_lightning.samplers.resampling import SVDD_CANDIDATE_TAG, SVDD_SELECT_TAG, GroupStreams, categorical, flat_indices
 
 
 @dataclass
@@ -31,7 +31,7 @@ class SVDD(Sampler):
             from softmax(r / alpha) with the sample's own selection stream.
         eta: DDIM eta of the underlying step (> 0: candidates differ only through the noise).
 
-    Candidate j of sample i at a step is the j-th draw of sample i's noise stream in that step, so
+    Candidate j of sample i draws from sample i's child noise stream j (``NoiseSource.spawn``), so
     results do not depend on batch composition. ``ctx.extras`` gets ``candidates``,
     ``mean_selected_gain`` (mean over samples and scored steps of the chosen candidate's Tweedie
     reward minus the candidates' mean) and ``scored_steps``.
@@ -42,30 +42,30 @@ class SVDD(Sampler):
     eta: float = 1.0
 
     name: ClassVar[str] = "svdd"
+    nfe_formula: ClassVar[str] = "1 + K * (stochastic steps) + (deterministic steps): 1 + K (S - 1) for DDIM"
+    source: ClassVar[str] = "Li et al. 2024, soft value-based decoding (arXiv:2408.08252)"
+    positive_ints: ClassVar[tuple] = ("candidates",)
+    nonnegative: ClassVar[tuple] = ("alpha",)
+    eta_min_open: ClassVar[bool] = True
 
-    def validate(self) -> None:
-        if int(self.candidates) != self.candidates or self.candidates < 1:
-            raise ValueError(f"svdd: candidates must be an integer >= 1, got {self.candidates}")
-        if not (self.alpha >= 0 and self.alpha < float("inf")):
-            raise ValueError(f"svdd: alpha must be finite and >= 0, got {self.alpha}")
-        if not 0.0 < self.eta <= 1.0:
-            raise ValueError(f"svdd: eta must be in (0, 1] (candidates differ only by their noise), got {self.eta}")
-
-    def run(self, ctx: SamplingContext, x: Tensor) -> Tensor:
+    def run(self, ctx: SamplingContext, x: Tensor, rows: Optional[Tensor] = None) -> Tensor:
         k = int(self.candidates)
         b = x.shape[0]
-        rows = torch.arange(b)
+        rows = torch.arange(b) if rows is None else rows
         rows_c = rows.repeat_interleave(k)
         streams = GroupStreams(ctx.noise.seeds, SVDD_SELECT_TAG) if (k > 1 and self.alpha > 0) else None
+        # candidate j of sample i draws from child stream (i, j); one candidate = the sample's own stream
+        cand_noise = ctx.noise if k == 1 else ctx.noise.spawn(k, tag=SVDD_CANDIDATE_TAG)
         eps = ctx.eps(x, 0, rows)
         gains, scored = [], 0
         for i in range(ctx.num_steps):
             last = i == ctx.num_steps - 1
-            # K draws from each sample's own stream: candidate j = draw j of this step
-            z = torch.stack([ctx.noise.randn() for _ in range(k)], dim=1)  # (B, K, ...)
+            z = cand_noise.randn().view(b, k, *x.shape[1:])  # (B, K, ...)
             if k == 1 or ctx.std(i) == 0:
                 # nothing to choose (one candidate, or a deterministic step): the plain step
-                x = ctx.step(eps, i, x, z[:, 0])
+                x_next = ctx.step(eps, i, x, z[:, 0])
+                ctx.step_done(i, x_next, eps, x, self.name)
+                x = x_next
                 if not last:
                     eps = ctx.eps(x, i + 1, rows)
                 continue
@@ -77,7 +77,7 @@ class SVDD(Sampler):
                 r = ctx.reward_nograd(xc, rows_c)  # x_0 itself: no NFE
             else:
                 ec = ctx.eps(xc, i + 1, rows_c)
-                r = ctx.reward_nograd(ctx.tweedie(xc, ec, ctx.timesteps[i + 1]), rows_c)
+                r = ctx.reward_nograd(ctx.x0_hat(xc, ec, i + 1), rows_c)
             r = r.double().view(b, k).cpu()
             r = torch.where(torch.isnan(r), torch.full_like(r, float("-inf")), r)
             chosen = self.select(r, streams)
@@ -89,6 +89,7 @@ class SVDD(Sampler):
                 gains.append((picked - mean_r)[ok].mean().item())
             scored += 1
             idx = flat_indices(chosen[:, None], k).to(x.device)
+            ctx.step_done(i, xc[idx], eps, x, self.name)
             x = xc[idx]
             if ec is not None:
                 eps = ec[idx]
