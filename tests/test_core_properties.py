@@ -327,3 +327,52 @@ def test_default_decode_maps_minus_one_one_to_unit_interval_and_sampler_defaults
     assert torch.allclose(res.images, (res.samples + 1) / 2)
     plain = sample(den, sch, None, Plain(), 4, (2, D), seed=0)
     assert torch.isnan(plain.rewards).all()  # no reward: NaN rewards, not zeros
+
+
+# ---- per-step callback, SVDD edge cases ---------------------------------------------------------
+
+@pytest.mark.parametrize("spec", [Plain(), NTRK(rho=0.2), DPS(scale=0.1), BestOfN(n=2), SVDD(candidates=2),
+                                  SMC(particles=2)], ids=lambda s: s.name)
+def test_callback_reports_every_step_in_order(spec):
+    """Every sampler hands the callback steps 0..S-1 in order, each with the new state (working
+    rows: trajectories, candidates or particles) and its x0 estimate of the same shape."""
+    sch = scheduler()
+    den = GaussianDenoiser(sch, torch.zeros(D, dtype=F64), torch.ones(D, dtype=F64))
+    got = []
+    sample(den, sch, Linear(_direction()), spec, 5, (3, D), seed=0, decode=identity, callback=got.append)
+    assert [c["step"] for c in got] == list(range(5))
+    name = spec.trajectory_sampler().name if isinstance(spec, BestOfN) else spec.name  # the rule that steps
+    assert all(c["num_steps"] == 5 and c["sampler"] == name for c in got)
+    assert all(c["x"].shape == c["denoised"].shape and c["x"].shape[1:] == (D,) for c in got)
+
+
+def test_svdd_scores_a_stochastic_last_step_with_the_final_reward():
+    """With set_alpha_to_one=False the last DDIM step has noise, so SVDD chooses there too, scoring
+    candidates by the reward of x_0 itself (no extra NFE): 1 + K (S - 1) NFEs, S scored steps, and
+    the chosen candidates gain over the candidates' mean."""
+    sch = scheduler(set_alpha_to_one=False, timestep_spacing="trailing")
+    den = GaussianDenoiser(sch, torch.zeros(D, dtype=F64), torch.ones(D, dtype=F64))
+    res = sample(den, sch, Linear(_direction()), SVDD(candidates=3), 6, (8, D), seed=1, decode=identity, dtype=F64)
+    assert res.nfe == 1 + 3 * 5
+    assert res.extras["scored_steps"] == 6 and res.extras["candidates"] == 3
+    assert res.extras["mean_selected_gain"] > 0
+
+
+def test_svdd_sampling_survives_a_sample_whose_candidates_all_have_nan_rewards():
+    """alpha > 0: a sample whose every candidate reward is NaN falls back to uniform selection,
+    without disturbing the other samples (which still follow their own softmax)."""
+    sch = scheduler()
+    den = GaussianDenoiser(sch, torch.zeros(D, dtype=F64), torch.ones(D, dtype=F64))
+    lin = Linear(_direction())
+
+    def reward(images, prompts):
+        bad = torch.tensor([p == "nan" for p in prompts])
+        return torch.where(bad, torch.full_like(lin(images), float("nan")), lin(images))
+
+    prompts = ["nan", "ok", "ok"]
+    res = sample(den, sch, reward, SVDD(candidates=3, alpha=0.5), 6, (3, D), seed=2, prompts=prompts,
+                 decode=identity)
+    assert torch.isfinite(res.samples).all()
+    again = sample(den, sch, reward, SVDD(candidates=3, alpha=0.5), 6, (2, D), seed=sample_seeds(2, 3)[1:],
+                   prompts=prompts[1:], decode=identity)
+    assert torch.equal(res.samples[1:], again.samples)

@@ -92,3 +92,12 @@ def test_noise_is_standard_normal_and_independent_across_streams():
     corr = torch.corrcoef(x)
     off = corr - torch.eye(20, dtype=torch.float64)
     assert off.abs().max() < 5 / 2000 ** 0.5
+
+
+def test_uniforms_come_from_each_rows_own_stream():
+    seeds = sample_seeds(5, 4)
+    a, b = NoiseSource(seeds, (2,)), NoiseSource(seeds[2:], (2,))
+    ua, ub = a.rand(), b.rand()
+    assert torch.equal(ua[2:], ub) and len(set(ua.tolist())) == 4
+    torch.manual_seed(0)  # the global generator must play no part
+    assert torch.equal(NoiseSource(seeds, (2,)).rand(), ua)
