@@ -249,3 +249,28 @@ def test_callback_sees_every_step_with_its_x0_estimate():
     assert [c["step"] for c in got] == list(range(5)) and all(c["num_steps"] == 5 for c in got)
     assert all(torch.allclose(c["denoised"], x0.expand(2, 6), atol=1e-7) for c in got)
     assert torch.equal(got[-1]["x"], res.samples)
+
+
+@pytest.mark.parametrize("k,rho", [(2, 1 / math.pi), (4, 1.0)])
+def test_search_matched_rho_at_unit_alignment(k, rho):
+    """One coordinate, identity whitening: w = sign(g), so <w, g_hat> = 1 and rho = min(1, m_K^2):
+    1/pi for K = 2 (m_2 = 1/sqrt(pi)), capped at 1 for K = 4 (m_4 = 1.029 > 1)."""
+    sch = _recording()
+    den = GaussianDenoiser(sch, torch.zeros(1, dtype=F64), torch.ones(1, dtype=F64))
+    n = 5
+    sample(den, sch, Linear(torch.ones(1, dtype=F64)), NTRK(search_k=k, whitening="identity", grad="tweedie"), 2,
+           (n, 1), seed=7, decode=identity, dtype=F64)
+    src = NoiseSource(sample_seeds(7, n), (1,), dtype=F64)
+    src.randn()
+    eps = src.randn()
+    assert torch.allclose(NOISE[0], math.sqrt(rho) * 1.0 + math.sqrt(1 - rho) * eps, atol=1e-9)
+
+
+def test_ntrk_validation_of_the_new_options():
+    NTRK(whiten_alpha=0.5).validate()
+    for bad, match in ((dict(whiten_alpha=1.5), "whiten_alpha"), (dict(whiten_alpha=0.0), "whiten_alpha"),
+                       (dict(search_k=3, mode="tilt"), "search_k"), (dict(search_k=0), "search_k"),
+                       (dict(rho=1.5), "rho"), (dict(mode="sideways"), "mode"), (dict(eta=0.0), "eta"),
+                       (dict(whitening="pink"), "whitening"), (dict(gamma=-1.0), "gamma")):
+        with pytest.raises(ValueError, match=match):
+            NTRK(**bad).validate()
