@@ -376,3 +376,25 @@ def test_svdd_sampling_survives_a_sample_whose_candidates_all_have_nan_rewards()
     again = sample(den, sch, reward, SVDD(candidates=3, alpha=0.5), 6, (2, D), seed=sample_seeds(2, 3)[1:],
                    prompts=prompts[1:], decode=identity)
     assert torch.equal(res.samples[1:], again.samples)
+
+
+@pytest.mark.parametrize("spec", [NTRK(rho=0.0), NTRK(search_k=1), NTRK(mode="tilt", gamma=0.0, whitening="identity"),
+                                  DPS(scale=0.0), DPS(scale=0.0, form="unnormalized")],
+                         ids=["rho0", "search1", "tilt0", "dps0", "dps0-unnorm"])
+def test_zero_strength_takes_no_gradient_and_is_plain(spec):
+    """At zero strength (rho = 0, best-of-1 matched, gamma = 0 unwhitened, scale = 0) no reward
+    gradient is taken and the samples are exactly the plain sampler's."""
+    sch = scheduler()
+    den = GaussianDenoiser(sch, torch.zeros(D, dtype=F64), torch.ones(D, dtype=F64))
+    res = sample(den, sch, Linear(_direction()), spec, 5, (3, D), seed=2, decode=identity, dtype=F64)
+    plain = sample(den, sch, None, Plain(), 5, (3, D), seed=2, decode=identity, dtype=F64)
+    assert res.grad_evals == 0 and torch.equal(res.samples, plain.samples)
+
+
+def test_guidance_refuses_inference_mode_with_a_clear_message():
+    sch = scheduler()
+    den = GaussianDenoiser(sch, torch.zeros(D, dtype=F64), torch.ones(D, dtype=F64))
+    with torch.inference_mode(), pytest.raises(
+            RuntimeError, match=r"^reward-gradient guidance cannot run under torch\.inference_mode\(\); "
+                                r"with Lightning use Trainer\(inference_mode=False\)$"):
+        sample(den, sch, Linear(_direction()), DPS(scale=0.1), 3, (2, D), seed=0, decode=identity)
