@@ -92,6 +92,9 @@ def test_zero_lam_keeps_the_plain_law_and_never_resamples():
                  decode=identity, dtype=F64)
     assert res.extras["resampling_events"] == 0 and res.extras["mean_ess"] == pytest.approx(1.0)
     assert res.extras["final_ess"] == pytest.approx(1.0)
+    guided = sample(den, sch, Linear(A), SMC(particles=4, lam=0.0, proposal="guided"), S, (2, 2), seed=102,
+                    decode=identity, dtype=F64)
+    assert guided.grad_evals == 0  # lam = 0: the guided proposal has nothing to add
     assert ((res.samples.mean(0) - mu_p).abs() < 4 * torch.sqrt(v_p / B)).all()
 
 
@@ -132,3 +135,46 @@ def test_resampling_statistics_are_reported():
                     decode=identity, dtype=F64)
     assert always.extras["resampling_events"] == S
     assert math.isfinite(always.extras["mean_ess"])
+
+
+@pytest.mark.parametrize("potential", ["difference", "max", "sum"])
+@pytest.mark.parametrize("tempering", ["none", "linear"])
+def test_weight_bookkeeping_follows_the_documented_potentials(potential, tempering):
+    """Without resampling (ess_threshold = 0) the particles keep their identity, so the log-weights
+    are the documented sums over the rewards the reward function returned (recorded here):
+        difference: sum_i (lam_i r_i - lam_{i-1} r_{i-1}) = lam r(x_0)
+        max:        sum_i lam_i max_{s <= i} r_s
+        sum:        sum_i lam_i sum_{s <= i} r_s
+    with lam_i = lam (none) or lam (i + 1) / (S + 1) before x_0 and lam at x_0 (linear); i runs over
+    the S reverse steps and x_0. The reported ESS fractions (per step before the move, and final)
+    must be those of these weights."""
+    sch, den, *_ = _target()
+    b, k, steps, lam = 4, 5, 5, 1.5
+    seen = []
+
+    def reward(images):
+        r = Linear(A)(images)
+        seen.append(r.detach().clone())
+        return r
+
+    res = sample(den, sch, reward, SMC(particles=k, lam=lam, potential=potential, tempering=tempering,
+                                       ess_threshold=0.0), steps, (b, 2), seed=9, decode=identity, dtype=F64)
+    # the core keeps rewards in float32 (reward_nograd), then accumulates in float64
+    rs = [r.float().double().view(b, k) for r in seen if r.shape[0] == b * k]
+    assert len(rs) == steps + 1
+    lams = [lam if tempering == "none" else lam * (i + 1) / (steps + 1) for i in range(steps)] + [lam]
+
+    def log_w(upto):
+        if potential == "difference":
+            return lams[upto] * rs[upto]
+        stat = torch.stack([torch.stack(rs[:i + 1]).max(0).values if potential == "max"
+                            else torch.stack(rs[:i + 1]).sum(0) for i in range(upto + 1)])
+        return (torch.tensor(lams[:upto + 1], dtype=F64).view(-1, 1, 1) * stat).sum(0)
+
+    def ess_frac(lw):
+        w = torch.softmax(lw, dim=1)
+        return float((w.sum(1) ** 2 / (w * w).sum(1) / k).mean())
+
+    assert res.extras["final_ess"] == pytest.approx(ess_frac(log_w(steps)), rel=1e-9)
+    assert res.extras["mean_ess"] == pytest.approx(sum(ess_frac(log_w(i)) for i in range(steps)) / steps, rel=1e-9)
+    assert res.extras["resampling_events"] == 0
