@@ -427,3 +427,16 @@ def test_conditioning_follows_every_row_in_every_gradient_mode(spec):
         alone = sample(baked_for(i), sch, Linear(_direction()), spec, 4, (1, D), seed=seeds[i:i + 1],
                        decode=identity, dtype=F64)
         assert torch.allclose(res.samples[i], alone.samples[0], atol=1e-12), i
+
+
+def test_errors_name_what_is_wrong():
+    from ntrk_lightning.samplers.resampling import normalize_log_weights, systematic_resample
+
+    sch = scheduler()
+    den = GaussianDenoiser(sch, torch.zeros(D, dtype=F64), torch.ones(D, dtype=F64))
+    with pytest.raises(ValueError, match=r"^reward must return shape \(2,\), got \(\)$"):
+        sample(den, sch, lambda im: im.sum(), DPS(scale=0.1), 3, (2, D), seed=0, decode=identity)
+    with pytest.raises(ValueError, match=r"^log-weights must have shape \(B, K\), got \(3,\)$"):
+        normalize_log_weights(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"^every group needs a positive total weight$"):
+        systematic_resample(torch.zeros(2, 3, dtype=F64), torch.zeros(2, dtype=F64))

@@ -101,3 +101,8 @@ def test_uniforms_come_from_each_rows_own_stream():
     assert torch.equal(ua[2:], ub) and len(set(ua.tolist())) == 4
     torch.manual_seed(0)  # the global generator must play no part
     assert torch.equal(NoiseSource(seeds, (2,)).rand(), ua)
+
+
+def test_spawn_reduces_seeds_modulo_two_to_the_63():
+    big = (1 << 63) + 5  # a caller's 64-bit seed: children are keyed on it modulo 2^63
+    assert NoiseSource([big], (1,)).spawn(2, tag=3).seeds == [derive_seed(5, 3, j) for j in range(2)]

@@ -178,3 +178,36 @@ def test_weight_bookkeeping_follows_the_documented_potentials(potential, temperi
     assert res.extras["final_ess"] == pytest.approx(ess_frac(log_w(steps)), rel=1e-9)
     assert res.extras["mean_ess"] == pytest.approx(sum(ess_frac(log_w(i)) for i in range(steps)) / steps, rel=1e-9)
     assert res.extras["resampling_events"] == 0
+
+
+def test_guided_proposal_shift_is_guidance_lam_sigma_squared_times_the_gradient():
+    """One particle (no resampling, the sample's own stream): after step 0 the guided SMC state differs
+    from the plain one by guidance * lam * sigma_0^2 * g, with g the denoiser-mode gradient of
+    <a, x0_hat> for the Gaussian eps: a (1 - sqrt(1 - abar) c) / sqrt(abar)."""
+    from core_models import ddim_schedule, ddim_sigma
+    sch, den, *_ = _target()
+    xs = {}
+    for name, spec in (("plain", SMC(particles=1, lam=LAM)),
+                       ("guided", SMC(particles=1, lam=LAM, proposal="guided", guidance=0.7))):
+        rec = []
+
+        def model(x, t, rec=rec):
+            rec.append(x.detach().clone())
+            return den(x, t)
+
+        sample(model, sch, Linear(A), spec, S, (3, 2), seed=4, decode=identity, dtype=F64)
+        xs[name] = rec
+    t, abar, abar_prev = ddim_schedule(sch, S)[0]
+    root_a, c = den.coef(t)
+    g = A * (1 - math.sqrt(1 - abar) * c) / root_a
+    expected = 0.7 * LAM * ddim_sigma(abar, abar_prev, 1.0) ** 2 * g
+    assert torch.allclose(xs["guided"][1] - xs["plain"][1], expected.expand(3, 2), atol=1e-9)
+
+
+def test_one_particle_drawn_by_weight_is_the_plain_sample():
+    from ntrk_lightning import Plain
+    sch, den, *_ = _target()
+    one = sample(den, sch, Linear(A), SMC(particles=1, lam=LAM, select="sample"), S, (3, 2), seed=8,
+                 decode=identity, dtype=F64)
+    plain = sample(den, sch, None, Plain(), S, (3, 2), seed=8, decode=identity, dtype=F64)
+    assert torch.equal(one.samples, plain.samples)
