@@ -211,3 +211,6 @@ def test_one_particle_drawn_by_weight_is_the_plain_sample():
                  decode=identity, dtype=F64)
     plain = sample(den, sch, None, Plain(), S, (3, 2), seed=8, decode=identity, dtype=F64)
     assert torch.equal(one.samples, plain.samples)
+    forced = sample(den, sch, Linear(A), SMC(particles=1, lam=LAM, ess_threshold=1.0), S, (2, 2), seed=8,
+                    decode=identity, dtype=F64)
+    assert forced.extras["resampling_events"] == 0  # one particle: nothing to resample
