@@ -440,3 +440,46 @@ def test_errors_name_what_is_wrong():
         normalize_log_weights(torch.zeros(3))
     with pytest.raises(ValueError, match=r"^every group needs a positive total weight$"):
         systematic_resample(torch.zeros(2, 3, dtype=F64), torch.zeros(2, dtype=F64))
+
+
+def test_bad_api_input_is_refused_with_one_clear_line():
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from ntrk_lightning.denoiser import DiffusionModel
+    from ntrk_lightning.kernels import check_scheduler
+
+    sch = scheduler()
+    den = GaussianDenoiser(sch, torch.zeros(D, dtype=F64), torch.ones(D, dtype=F64))
+    cases = [
+        (dict(shape=None, seed=[1, 2]), ValueError, r"^shape is required for a plain denoiser callable$"),
+        (dict(shape=(3, D), seed=[1, 2]), ValueError, r"^shape has batch 3 but 2 seeds were given$"),
+        (dict(shape=(0, D), seed=[]), ValueError, r"^batch must hold at least one sample$"),
+        (dict(scheduler=object()), TypeError, r"^object cannot take the caller's noise; use diffusers\.DDIMScheduler "
+         r"\(its step\(\.\.\., eta, variance_noise=\.\.\.\) is the injection point NTRK needs\) or, for "
+         r"flow-matching models, FlowMatchEulerDiscreteScheduler$"),
+        (dict(scheduler=DDPMScheduler()), TypeError, r"^DDPMScheduler cannot take"),
+        (dict(scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True)), ValueError,
+         r"^flow scheduler option invert_sigmas=True is not supported by the flow kernel$"),
+        (dict(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)), ValueError,
+         r"^flow scheduler has use_dynamic_shifting=True"),
+    ]
+    for over, exc, msg in cases:
+        kw = dict(denoiser=den, scheduler=sch, reward=None, sampler=Plain(), num_steps=3, shape=(2, D), seed=0)
+        kw.update(over)
+        with pytest.raises(exc, match=msg):
+            sample(**kw)
+    # a DiffusionModel brings its sample shape: seeds alone give the batch
+    model = DiffusionModel(den, decode=identity, sample_shape=(D,))
+    assert sample(model, sch, None, Plain(), 3, seed=[4, 5, 6]).samples.shape == (3, D)
+
+    # a duck-typed scheduler: a step taking variance_noise and no prediction_type means epsilon
+    class Duck:
+        def step(self, model_output, timestep, sample, eta=0.0, variance_noise=None):
+            raise NotImplementedError
+
+    check_scheduler(Duck())
+    duck = Duck()
+    duck.config = SimpleNamespace()
+    check_scheduler(duck)
