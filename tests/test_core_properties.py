@@ -483,3 +483,18 @@ def test_bad_api_input_is_refused_with_one_clear_line():
     duck = Duck()
     duck.config = SimpleNamespace()
     check_scheduler(duck)
+
+
+def test_validation_messages_and_describe():
+    cases = [(NTRK(window=(0.0, float("nan"))), r"^ntrk: window must be finite"),
+             (NTRK(window=(0.5, 0.2)), r"^ntrk: window must satisfy 0 <= start < end <= 1"),
+             (DPS(window=(0.2, 1.5)), r"^dps: window must satisfy"),
+             (NTRK(eta=0.0), r"^ntrk: eta must be in \(0, 1\] \(the step's noise carries the guidance or the "
+                             r"search\), got 0\.0$"),
+             (Plain(eta=1.5), r"^plain: eta must be in \[0, 1\], got 1\.5$")]
+    for spec, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            spec.validate()
+    d = BestOfN(n=3, inner=NTRK(rho=0.2)).describe()
+    assert d["name"] == "best_of_n" and d["n"] == 3 and d["inner"]["name"] == "ntrk" and d["inner"]["rho"] == 0.2
+    assert NTRK(window=(0.1, 0.9)).describe()["window"] == [0.1, 0.9]

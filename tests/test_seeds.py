@@ -106,3 +106,23 @@ def test_uniforms_come_from_each_rows_own_stream():
 def test_spawn_reduces_seeds_modulo_two_to_the_63():
     big = (1 << 63) + 5  # a caller's 64-bit seed: children are keyed on it modulo 2^63
     assert NoiseSource([big], (1,)).spawn(2, tag=3).seeds == [derive_seed(5, 3, j) for j in range(2)]
+
+
+def test_derived_seeds_use_both_hash_words():
+    """The 63 bits combine two independent 32-bit hash words: no derived seed repeats its own bits
+    (bits 1..30 equal to bits 32..61 happens with probability 2^-30 per seed)."""
+    mask = (1 << 30) - 1
+    seeds = sample_seeds(3, 1000)
+    assert not any(((s >> 32) & mask) == ((s >> 1) & mask) for s in seeds)
+
+
+def test_noise_does_not_depend_on_the_global_default_dtype():
+    seeds = sample_seeds(1, 3)
+    ref = NoiseSource(seeds, (5,)).randn()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        again = NoiseSource(seeds, (5,)).randn()
+    finally:
+        torch.set_default_dtype(old)
+    assert again.dtype == torch.float32 and torch.equal(again, ref)
