@@ -168,6 +168,29 @@ def scan_folder(root: Path, prompts_file: Optional[Path]) -> ImageSet:
     return ImageSet(root, "folder", [arm], items, has_prompts=prompts_file is not None)
 
 
+#: default pixel cap of ``ntrk evaluate`` (``--max_pixels``): 4096 x 4096
+MAX_PIXELS = 4096 * 4096
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image header alone (PIL opens lazily: nothing is decoded)."""
+    from metrics.images import ImageFolderError
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except Exception as e:
+        raise ImageFolderError(f"unreadable or corrupt image file: {path} ({type(e).__name__}: {e})") from None
+
+
+def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int) -> None:
+    w, h = size
+    if w * h > max_pixels:
+        raise EvaluationError(f"image {path} is {w}x{h} = {w * h} pixels, above the cap of {max_pixels} "
+                              "(--max_pixels): resize it, or raise the cap if you have the memory")
+
+
 class _ItemDataset(Dataset):
     """Items in global order, padded with skip items so that every rank gets at least one."""
 
@@ -205,13 +228,18 @@ class ImageFolderDataModule(LightningDataModule):
         batch_size: images per batch and rank.
         num_workers: data-loader worker processes.
         verify: check every image file's structure before starting (names a corrupt file early).
+        max_pixels: refuse images with more pixels (width x height) than this, read from the file
+            header before anything is decoded (a small PNG can decode to gigabytes).
     """
 
     def __init__(self, images: str = "", prompts: Optional[str] = None, batch_size: int = 32,
-                 num_workers: int = 0, verify: bool = True) -> None:
+                 num_workers: int = 0, verify: bool = True, max_pixels: int = MAX_PIXELS) -> None:
         super().__init__()
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if int(max_pixels) < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+        self.max_pixels = int(max_pixels)
         self.images, self.prompts = images, prompts
         self.batch_size, self.num_workers, self.verify = int(batch_size), int(num_workers), bool(verify)
         self._set: Optional[ImageSet] = None
@@ -236,7 +264,10 @@ class ImageFolderDataModule(LightningDataModule):
             from metrics.images import check_image
 
             for it in s.items:
-                check_image(it.path)
+                _check_pixels(it.path, check_image(it.path), self.max_pixels)
+        else:
+            for it in s.items:
+                _check_pixels(it.path, _header_size(it.path), self.max_pixels)
         s.counts = {a: sum(1 for it in s.items if it.arm == i) for i, a in enumerate(s.arms)}
         self._set = s
         return s
@@ -390,7 +421,17 @@ class EvaluationModule(LightningModule):
                 group["diversity"].update(groups=groups, features=feats)
         has_prompts = self.image_set is not None and self.image_set.has_prompts
         for j, r in enumerate(self.rewards):
-            group[f"reward{j}"].update(r(x, prompts if has_prompts else None).detach().double())
+            try:
+                values = r(x, prompts if has_prompts else None).detach().double()
+            except (RuntimeError, ValueError, TypeError) as e:
+                # e.g. a digits (grey) reward on RGB images: collected, reported by every rank
+                # together at the end as one line, never a traceback or a hang
+                arm_name = self.image_set.arms[arm] if self.image_set is not None else str(arm)
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                self._errors.append(f"reward {self.reward_names[j]!r} cannot score the images of arm {arm_name!r} "
+                                    f"(shape {tuple(u8.shape[1:])}): {reason}")
+                continue
+            group[f"reward{j}"].update(values)
         if "clip" in group:
             group["clip"].update(x, prompts)
 
@@ -431,6 +472,11 @@ class EvaluationModule(LightningModule):
 
             if self.output_dir is not None:
                 atomic_write_json(Path(self.output_dir) / METRICS, self.results)
+            if self.trainer.loggers:  # --trainer.logger: final metrics per arm and a sample grid
+                from ntrk_lightning.pipeline.loggers import log_run, montage
+
+                firsts = [[it.path for it in s.items if it.arm == a][:8] for a in range(len(s.arms))]
+                log_run(self.trainer.loggers, json_safe(self.results), montage(sum(firsts, []), cols=8))
             print(json.dumps(json_safe(self.results), indent=2))
         self.trainer.strategy.barrier("ntrk-evaluate-end")
 
@@ -477,6 +523,8 @@ _TOP_LEVEL: dict[str, tuple[str, Any, Any, str]] = {
                 "prompts of a plain folder: .jsonl with {image, prompt[, prompt_index]} per line, or text with "
                 "one prompt per line in sorted file-name order"),
     "batch_size": ("data.batch_size", int, 32, "images per batch and process"),
+    "max_pixels": ("data.max_pixels", int, MAX_PIXELS,
+                   "refuse images with more pixels than this (checked in the file header, before decoding)"),
     "reference": ("model.reference", Optional[str], None,
                   "real images for FID: digits | digits:R | a folder of images | a statistics file (omit: no FID)"),
     "feature": ("model.feature", str, "inception",
@@ -512,6 +560,10 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 def build_cli(argv: list[str]) -> EvaluateCLI:
     """The parsed and instantiated CLI (model, data module and trainer), without running."""
+    from ntrk_lightning.pipeline.cli import check_config_files, install_yaml_bounds
+
+    install_yaml_bounds()
+    check_config_files(argv, prog="ntrk evaluate")
     return EvaluateCLI(
         EvaluationModule, ImageFolderDataModule, run=False, args=argv, save_config_callback=None,
         trainer_defaults=dict(TRAINER_DEFAULTS), seed_everything_default=False, auto_configure_optimizers=False,
@@ -534,6 +586,8 @@ def main(argv: list[str]) -> int:
         try:
             cli = build_cli(list(argv))
         except SystemExit as e:  # --help, or a parse error already printed by the parser
+            if isinstance(e.code, str):  # our one-line refusals of a config file
+                print(e.code, file=sys.stderr)
             return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else 2)
         model, dm, trainer = cli.model, cli.datamodule, cli.trainer
         model.build(dm.scan())

@@ -83,6 +83,19 @@ class DDIMKernel:
     def step(self, out: Tensor, step: int, x: Tensor, noise: Tensor) -> Tensor:
         return self.scheduler.step(out, self.timesteps[step], x, eta=self.eta, variance_noise=noise).prev_sample
 
+    def next_alpha_sigma(self, step: int) -> tuple[float, float]:
+        """(alpha, sigma) of the time reverse step ``step`` lands on, as the scheduler's step computes
+        it (the fixed stride back; the final alpha below timestep 0)."""
+        t = self.timesteps[step]
+        prev = t - self.scheduler.config.num_train_timesteps // self.scheduler.num_inference_steps
+        abar = float(self.scheduler.alphas_cumprod[prev]) if prev >= 0 else float(self.scheduler.final_alpha_cumprod)
+        return math.sqrt(abar), math.sqrt(1.0 - abar)
+
+    def renoise(self, x_next: Tensor, step: int, noise: Tensor) -> Tensor:
+        """x_t drawn from the forward transition q(x_t | x_s) of step ``step`` (the inverse direction
+        of the step), with the caller's standard Gaussian ``noise``."""
+        return forward_transition(x_next, self.alpha_sigma(step), self.next_alpha_sigma(step), noise)
+
 
 class FlowKernel:
     """The DDIM(eta) step for rectified flow, on the schedule of a ``FlowMatchEulerDiscreteScheduler``."""
@@ -141,6 +154,25 @@ class FlowKernel:
         if c != 0.0:
             nxt = nxt + c * noise
         return nxt
+
+    def next_alpha_sigma(self, step: int) -> tuple[float, float]:
+        """(alpha, sigma) of the time reverse step ``step`` lands on."""
+        s = self.sigmas[step + 1]
+        return 1.0 - s, s
+
+    def renoise(self, x_next: Tensor, step: int, noise: Tensor) -> Tensor:
+        """x_t drawn from the forward transition q(x_t | x_s) of step ``step``, with the caller's noise."""
+        return forward_transition(x_next, self.alpha_sigma(step), self.next_alpha_sigma(step), noise)
+
+
+def forward_transition(x_s: Tensor, at: tuple[float, float], frm: tuple[float, float], noise: Tensor) -> Tensor:
+    """A draw of x_t given x_s (s earlier in the forward process than t) for x_u = alpha_u x0 +
+    sigma_u eps: x_t = (alpha_t / alpha_s) x_s + sqrt(sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2) z.
+    For DDPM this is sqrt(abar_t / abar_s) x_s + sqrt(1 - abar_t / abar_s) z. Used by time-travel
+    samplers (FreeDoM) to re-noise the result of a reverse step back to the step's start."""
+    (a_t, s_t), (a_s, s_s) = at, frm
+    ratio = a_t / a_s
+    return ratio * x_s + math.sqrt(max(0.0, s_t * s_t - ratio * ratio * s_s * s_s)) * noise
 
 
 Kernel = Union[DDIMKernel, FlowKernel]

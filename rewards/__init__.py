@@ -6,6 +6,7 @@ model is. Every reward reads LOCAL files only and says which file is missing and
 * :class:`~rewards.clip_score.CLIPScoreReward` — CLIP text-image cosine (open_clip).
 * :class:`~rewards.hps.HPSv2Reward` — Human Preference Score v2 (open_clip ViT-H/14).
 * :class:`~rewards.pickscore.PickScoreReward` — PickScore (transformers CLIP-H).
+* :class:`~rewards.image_reward.ImageReward` — ImageReward (BLIP ViT-L + BERT cross-attention + MLP head).
 * :class:`~rewards.compressibility.JPEGCompressibility` / :class:`~rewards.compressibility.JPEGIncompressibility`
   — JPEG size (not differentiable: search samplers only).
 * :class:`~rewards.combine.WeightedSum`, :class:`~rewards.combine.ImportedReward` — combinations and
@@ -30,6 +31,7 @@ _LAZY = {
     "CLIPScoreReward": "rewards.clip_score",
     "HPSv2Reward": "rewards.hps",
     "PickScoreReward": "rewards.pickscore",
+    "ImageReward": "rewards.image_reward",
     "JPEGCompressibility": "rewards.compressibility",
     "JPEGIncompressibility": "rewards.compressibility",
     "WeightedSum": "rewards.combine",

@@ -217,23 +217,23 @@ def load_classifier_file(path: "str | os.PathLike[str]", arch: Optional[Arch] = 
     The model is returned in eval mode with gradients of its parameters switched off (gradients
     with respect to the input images still flow, as a reward needs).
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"classifier weights not found: {path}. Train them with "
             "`ntrk fit -c configs/digits_classifier_fit.yaml` (reward) or "
             "`ntrk fit -c configs/digits_judge_fit.yaml` (judge), which export to ntrk_lightning/weights/.")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    from ntrk_lightning.fileio import load_safetensors, safetensors_metadata
+
+    hint = ("Retrain with `ntrk fit -c configs/digits_classifier_fit.yaml` (reward) or "
+            "`configs/digits_judge_fit.yaml` (judge), or reinstall the package, which ships the file.")
+    meta = safetensors_metadata(path, hint, "classifier weights file")
     arch = arch or meta.get("arch")  # type: ignore[assignment]
     if arch is None:
         raise ValueError(f"{path} has no 'arch' metadata; pass arch='conv' or 'mlp'")
     resolution = int(resolution or meta.get("resolution", 16))
     model = build_classifier(arch, resolution)
-    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    state = {k: v.float() for k, v in load_safetensors(path, hint, "classifier weights file").items()}
     model.load_state_dict(state)
     model.to(device).eval()
     for p in model.parameters():
@@ -301,6 +301,10 @@ class DigitClassifierReward(Reward):
 
     def _load(self) -> None:
         self.net = load_shipped_classifier(self.classifier_kind, weights_dir=self.weights_dir)
+
+    def weight_files(self) -> list[Path]:
+        """The file whose content decides the scores (the run fingerprint hashes it)."""
+        return [Path(self.weights_dir) / SHIPPED_CLASSIFIERS[self.classifier_kind][0]]
 
     def score(self, images: Tensor, prompts: Optional[list[str]] = None) -> Tensor:
         logits = self.net(images)

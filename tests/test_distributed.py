@@ -51,6 +51,18 @@ def test_ddp_two_processes_equal_one(single, tmp_path):
     assert_metrics_close(metrics(out), m0, rtol=1e-5, atol=1e-5)
 
 
+def test_ddp_two_processes_equal_one_on_the_flow_model(tmp_path):
+    """The flow counterpart of the main job (digits_flow, rectified-flow kernel): the same
+    sharding, seeding and metric synchronisation must hold."""
+    from pipeline_utils import REPO
+
+    cfg = REPO / "configs" / "digits_flow_ntrk.yaml"
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli(predict_args(one, EXTRA, config=cfg))
+    run_cli(predict_args(two, EXTRA + ["--trainer.devices", "2", "--trainer.strategy", "ddp"], config=cfg))
+    _check_same_as_single(two, one)
+
+
 def test_two_nodes_on_localhost(single, tmp_path):
     """torchrun --nnodes 2 --nproc-per-node 1, node ranks 0 and 1 on 127.0.0.1, num_nodes=2."""
     import subprocess

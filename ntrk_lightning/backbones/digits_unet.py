@@ -58,7 +58,13 @@ def load_config(name: str = "digits16", root: Optional[PathLike] = None) -> dict
     _, cfg_path = _files(name, root)
     if not cfg_path.is_file():
         raise FileNotFoundError(f"digits UNet config not found: {cfg_path}. {_RETRAIN_HINT}")
-    return json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        from ntrk_lightning.fileio import WeightsFileError
+
+        raise WeightsFileError(f"digits UNet config {cfg_path} is unreadable ({e}). {_RETRAIN_HINT}") from None
+    return cfg
 
 
 def make_scheduler(name: str = "digits16", root: Optional[PathLike] = None, **overrides: Any):
@@ -84,16 +90,24 @@ def load_unet(name: str = "digits16", device: Union[str, torch.device] = "cpu",
               root: Optional[PathLike] = None, dtype: torch.dtype = torch.float32):
     """The raw diffusers ``UNet2DModel`` (eval mode, parameters frozen, ``dtype``)."""
     from diffusers import UNet2DModel
-    from safetensors.torch import load_file
+
+    from ntrk_lightning.fileio import WeightsFileError, load_safetensors
 
     w_path, _ = _files(name, root)
     cfg = load_config(name, root)
     if not w_path.is_file():
         raise FileNotFoundError(f"digits UNet weights not found: {w_path}. {_RETRAIN_HINT}")
     unet = UNet2DModel.from_config(cfg["unet"])
-    state = {k: v.to(torch.float32) for k, v in load_file(str(w_path)).items()}
-    unet.load_state_dict(state)
-    unet.to(device=device, dtype=dtype).eval()
+    state = {k: v.to(torch.float32) for k, v in
+             load_safetensors(w_path, _RETRAIN_HINT, "digits UNet weights file").items()}
+    try:
+        unet.load_state_dict(state)
+    except RuntimeError as e:  # wrong tensor names or shapes: another model's file
+        raise WeightsFileError(f"digits UNet weights file {w_path} does not fit the config "
+                               f"{_files(name, root)[1]} ({str(e).splitlines()[0]}). {_RETRAIN_HINT}") from None
+    # a dtype argument makes diffusers warn about fp32 modules even when there is nothing to cast
+    unet.to(device=device) if dtype == torch.float32 else unet.to(device=device, dtype=dtype)
+    unet.eval()
     unet.requires_grad_(False)
     return unet
 
@@ -231,6 +245,10 @@ class DigitsUNetBackbone(Backbone):
 
     def make_scheduler(self) -> Any:
         return make_scheduler(self.name, self.weights_dir)
+
+    def weight_files(self) -> list[Path]:
+        """The files whose content decides the samples (the run fingerprint hashes them)."""
+        return list(_files(self.name, self.weights_dir))
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": "digits-unet", "weights_dir": str(self.weights_dir or weights_dir())}

@@ -58,6 +58,7 @@ _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model{v}.safetensors", "diffusion_pytor
 _TRANSFORMERS_WEIGHTS = ("model{v}.safetensors", "model{v}.safetensors.index.json", "pytorch_model{v}.bin",
                          "pytorch_model{v}.bin.index.json")
 _TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+_T5_TOKENIZER_FILES = (("tokenizer.json",), ("spiece.model",))
 
 #: what each backbone needs: subfolder -> kind
 SD_COMPONENTS = {"unet": "diffusers", "vae": "diffusers", "text_encoder": "transformers", "tokenizer": "tokenizer",
@@ -138,6 +139,9 @@ def check_pipeline_folder(folder: Path, components: dict[str, str], variant: Opt
         elif kind == "tokenizer":
             if not any(all((d / f).is_file() for f in group) for group in _TOKENIZER_FILES):
                 raise FileNotFoundError(f"no tokenizer in {d} (tokenizer.json, or vocab.json + merges.txt). {hint}")
+        elif kind == "t5_tokenizer":
+            if not any(all((d / f).is_file() for f in group) for group in _T5_TOKENIZER_FILES):
+                raise FileNotFoundError(f"no T5 tokenizer in {d} (tokenizer.json or spiece.model). {hint}")
         elif kind == "scheduler" and not (d / "scheduler_config.json").is_file():
             raise FileNotFoundError(f"missing {d / 'scheduler_config.json'}. {hint}")
 
@@ -150,6 +154,62 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a JSON object")
     return data
+
+
+def load_component(cls: Any, folder: Path, sub: str, variant: Optional[str] = None, own_folder: Optional[Path] = None,
+                   **kw: Any) -> nn.Module:
+    """``cls.from_pretrained`` of ``folder/sub`` (or of a separate ``own_folder``), local files only,
+    in eval mode; any failure is one ``ValueError`` naming the folder."""
+    if "torch_dtype" in kw or cls.__module__.startswith("diffusers"):
+        import importlib.util
+
+        # without `accelerate` diffusers falls back to a full init (and says so at every load)
+        kw.setdefault("low_cpu_mem_usage", importlib.util.find_spec("accelerate") is not None)
+    try:
+        if own_folder is not None:
+            m = cls.from_pretrained(str(own_folder), local_files_only=True, **kw)
+        else:
+            m = cls.from_pretrained(str(folder), subfolder=sub, local_files_only=True, variant=variant, **kw)
+    except Exception as e:
+        msg = " ".join(str(e).split())[:400]
+        raise ValueError(f"cannot load {sub} from {own_folder if own_folder is not None else folder / sub}: "
+                         f"{type(e).__name__}: {msg}") from None
+    want = kw.get("torch_dtype", kw.get("dtype"))
+    if want is not None and not getattr(m, "_keep_in_fp32_modules", None):
+        # diffusers 0.42 without `accelerate` leaves some models (SD3's transformer) in float32
+        # despite torch_dtype; the storage type is what weights_dtype promises
+        if any(p.dtype != want for p in m.parameters() if p.is_floating_point()):
+            m = m.to(want)
+    return m.eval()
+
+
+def load_tokenizer(folder: Path, cls: Any = None) -> Any:
+    """A tokenizer from a local folder (default class: ``CLIPTokenizer``); one clear error otherwise."""
+    if cls is None:
+        from transformers import CLIPTokenizer as cls
+    try:
+        return cls.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot load the tokenizer in {folder}: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+
+
+def vae_decode(vae: nn.Module, latents: Tensor, dtype: torch.dtype, batch_size: Optional[int] = None) -> Tensor:
+    """Images in [0, 1] (float32) of model latents: ``latents / scaling_factor + shift_factor``
+    (SD3 / FLUX VAEs have a shift; SD's has none) through ``vae.decode`` under autocast to
+    ``dtype``, at most ``batch_size`` latents at once (memory). Differentiable."""
+    cfg = vae.config
+    z = latents / float(cfg.scaling_factor)
+    shift = getattr(cfg, "shift_factor", None)
+    if shift is not None:
+        z = z + float(shift)
+    chunk = batch_size or z.shape[0]
+    parts = []
+    with compute_context(z.device, dtype):
+        for piece in z.split(chunk):
+            parts.append(upcast(vae.decode(piece, return_dict=False)[0]))
+    images = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return (images * 0.5 + 0.5).clamp(0.0, 1.0)
 
 
 class SDEps(nn.Module):
@@ -257,23 +317,7 @@ class StableDiffusionBackbone(Backbone):
                  cache_dir: Optional[str] = None, name: Optional[str] = None) -> None:
         super().__init__()
         self.source = model
-        self.folder = resolve_model_folder(model, revision, cache_dir, self._hint_repo)
-        check_pipeline_folder(self.folder, self.components, variant, self._hint_repo)
-        self.vae_folder: Optional[Path] = None
-        if vae is not None:
-            vf = Path(vae).expanduser()
-            if not vf.is_dir():
-                vf = resolve_model_folder(vae, None, cache_dir, "madebyollin/sdxl-vae-fp16-fix")
-            if not (vf / "config.json").is_file() or not any(
-                    (vf / n.format(v="")).is_file() for n in _DIFFUSERS_WEIGHTS):
-                raise FileNotFoundError(f"{vf} is not a diffusers AutoencoderKL folder (config.json + "
-                                        f"diffusion_pytorch_model.safetensors). {_download_hint('madebyollin/sdxl-vae-fp16-fix')}")
-            self.vae_folder = vf
-        # configs are small: read them now, so a wrong size or option fails before any weights load
-        self.unet_config = _read_json(self.folder / "unet" / "config.json")
-        self.vae_config = _read_json((self.vae_folder or self.folder / "vae") / "config.json")
-        self.scheduler_config = _read_json(self.folder / "scheduler" / "scheduler_config.json")
-        self.model_index = _read_json(self.folder / "model_index.json")
+        self._locate(model, vae, variant, revision, cache_dir)
         if self.kind == "stable-diffusion" and self.unet_config.get("addition_embed_type") == "text_time":
             raise ValueError(f"{self.folder} is an SDXL model (its UNet needs pooled text embeddings and time ids): "
                              "use ntrk_lightning.backbones.StableDiffusionXLBackbone")
@@ -321,6 +365,29 @@ class StableDiffusionBackbone(Backbone):
         self._embed_cache: dict[tuple[str, str, int], Any] = {}
         self.make_scheduler()  # a scheduler config the core cannot use fails now
 
+    def _locate(self, model: str, vae: Optional[str], variant: Optional[str], revision: Optional[str],
+                cache_dir: Optional[str]) -> None:
+        """Set ``folder``, ``vae_folder`` and the configs (``unet_config``, ``vae_config``,
+        ``scheduler_config``, ``model_index``) from local files. ``from_diffusers`` overrides this
+        to take them from an already-loaded pipeline."""
+        self.folder = resolve_model_folder(model, revision, cache_dir, self._hint_repo)
+        check_pipeline_folder(self.folder, self.components, variant, self._hint_repo)
+        self.vae_folder: Optional[Path] = None
+        if vae is not None:
+            vf = Path(vae).expanduser()
+            if not vf.is_dir():
+                vf = resolve_model_folder(vae, None, cache_dir, "madebyollin/sdxl-vae-fp16-fix")
+            if not (vf / "config.json").is_file() or not any(
+                    (vf / n.format(v="")).is_file() for n in _DIFFUSERS_WEIGHTS):
+                raise FileNotFoundError(f"{vf} is not a diffusers AutoencoderKL folder (config.json + "
+                                        f"diffusion_pytorch_model.safetensors). {_download_hint('madebyollin/sdxl-vae-fp16-fix')}")
+            self.vae_folder = vf
+        # configs are small: read them now, so a wrong size or option fails before any weights load
+        self.unet_config = _read_json(self.folder / "unet" / "config.json")
+        self.vae_config = _read_json((self.vae_folder or self.folder / "vae") / "config.json")
+        self.scheduler_config = _read_json(self.folder / "scheduler" / "scheduler_config.json")
+        self.model_index = _read_json(self.folder / "model_index.json")
+
     # ---- precision ---------------------------------------------------------------------------
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype_name != "auto":
@@ -339,31 +406,10 @@ class StableDiffusionBackbone(Backbone):
 
     # ---- loading -------------------------------------------------------------------------------
     def _from_pretrained(self, cls: Any, sub: str, folder: Optional[Path] = None, **kw: Any) -> nn.Module:
-        src = folder or self.folder
-        if "torch_dtype" in kw or cls.__module__.startswith("diffusers"):
-            import importlib.util
-
-            # without `accelerate` diffusers falls back to a full init (and says so at every load)
-            kw.setdefault("low_cpu_mem_usage", importlib.util.find_spec("accelerate") is not None)
-        try:
-            if folder is not None:
-                m = cls.from_pretrained(str(src), local_files_only=True, **kw)
-            else:
-                m = cls.from_pretrained(str(src), subfolder=sub, local_files_only=True, variant=self.variant, **kw)
-        except Exception as e:
-            msg = " ".join(str(e).split())[:400]
-            raise ValueError(f"cannot load {sub} from {src if folder is not None else src / sub}: "
-                             f"{type(e).__name__}: {msg}") from None
-        return m.eval()
+        return load_component(cls, self.folder, sub, self.variant, folder, **kw)
 
     def _load_tokenizer(self, sub: str) -> Any:
-        from transformers import CLIPTokenizer
-
-        try:
-            return CLIPTokenizer.from_pretrained(str(self.folder / sub), local_files_only=True)
-        except Exception as e:
-            raise ValueError(f"cannot load the tokenizer in {self.folder / sub}: {type(e).__name__}: "
-                             f"{' '.join(str(e).split())[:300]}") from None
+        return load_tokenizer(self.folder / sub)
 
     def _load_text(self) -> None:
         from transformers import CLIPTextModel
@@ -432,19 +478,7 @@ class StableDiffusionBackbone(Backbone):
         """VAE decode of ``latents / scaling_factor`` to float32 images in [0, 1] (differentiable)."""
         if self.vae is None:
             raise RuntimeError("call load() first")
-        cfg = self.vae.config
-        z = latents / float(cfg.scaling_factor)
-        shift = getattr(cfg, "shift_factor", None)
-        if shift is not None:
-            z = z + float(shift)
-        dtype = self.vae_compute_dtype(z.device)
-        chunk = self.vae_batch_size or z.shape[0]
-        parts = []
-        with compute_context(z.device, dtype):
-            for piece in z.split(chunk):
-                parts.append(upcast(self.vae.decode(piece, return_dict=False)[0]))
-        images = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return (images * 0.5 + 0.5).clamp(0.0, 1.0)
+        return vae_decode(self.vae, latents, self.vae_compute_dtype(latents.device), self.vae_batch_size)
 
     # ---- conditioning ---------------------------------------------------------------------------
     def _tokens(self, tokenizer: Any, prompts: list[str], device: torch.device) -> Tensor:

@@ -18,7 +18,9 @@ Project defaults (PITFALLS.md says why):
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
@@ -42,6 +44,16 @@ class NTRKCLI(LightningCLI):
         if "return_predictions" in {a.dest for a in parser._actions}:
             parser.set_defaults(return_predictions=False)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse; a parse error is one line (jsonargparse prints the usage screen and a nested
+        report of every union member, dozens of lines for an unknown ``class_path``)."""
+        def one_line(_parser: Any, message: str) -> None:
+            raise SystemExit(f"ntrk: error: {parse_error_line(message)}")
+
+        for p in [parser, *getattr(self, "_subcommand_parsers", {}).values()]:
+            p._error_handler = one_line
+        super().parse_arguments(parser, args)
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         if cfg is None:
@@ -53,6 +65,8 @@ class NTRKCLI(LightningCLI):
                 out = init.get("output_dir")
             if out is None:
                 self.parser.error("predict needs an output folder: --output_dir DIR")
+            if not str(out).strip():
+                raise SystemExit("ntrk: error: --output_dir is empty: give a folder (use . for the current one)")
             if init is not None and "output_dir" in init:
                 init["output_dir"] = out
             cfg["trainer"]["default_root_dir"] = out
@@ -69,6 +83,22 @@ class NTRKCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, TypeError, FileNotFoundError) as e:
             raise SystemExit(_config_error(e)) from None
+        if self.subcommand == "predict" and hasattr(self.model, "component_specs"):
+            self.model.component_specs = _component_specs(self.config[self.subcommand]["model"])
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run; problems with the run folder or the weights found on the way (a lock held by
+        another run, a changed configuration, a corrupt weights file, every sample failed) end
+        as one line, and this process's lock on the run folder is released however it ends."""
+        from ntrk_lightning.fileio import WeightsFileError
+        from ntrk_lightning.pipeline.run import RunFolderError, release_all
+
+        try:
+            super()._run_subcommand(subcommand)
+        except (RunFolderError, WeightsFileError) as e:
+            raise SystemExit(f"ntrk: error: {str(e).strip().splitlines()[0]}") from None
+        finally:
+            release_all()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -87,6 +117,8 @@ class NTRKCLI(LightningCLI):
 
 def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any) -> NTRKCLI:
     """Construct (and by default run) the CLI; ``args`` include the subcommand."""
+    install_yaml_bounds()
+    check_config_files(sys.argv[1:] if args is None else args)
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     kwargs.setdefault("parser_kwargs", {"description": "ntrk-lightning: NTRK reward alignment of diffusion models"})
     kwargs.setdefault("trainer_defaults", {"inference_mode": False, "callbacks": [RichProgressBar(leave=True)]})
@@ -112,3 +144,160 @@ def _config_error(e: BaseException) -> str:
                 inner = line[2:]
                 break
     return f"ntrk: error: {inner}"
+
+
+def _component_specs(model_cfg: Any) -> dict[str, Any]:
+    """class_path + init_args of the backbone and rewards as parsed (for the run fingerprint)."""
+    cfg = model_cfg.as_dict() if hasattr(model_cfg, "as_dict") else dict(model_cfg)
+    init = cfg.get("init_args") or {}
+    return {"backbone": init.get("backbone"), "reward": init.get("reward"),
+            "eval_rewards": init.get("eval_rewards") or {}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files: bounded YAML, one-line errors for empty or malformed files
+# ---------------------------------------------------------------------------------------------
+
+#: most YAML nodes a config may expand to once aliases are followed (the shipped configs have
+#: about a hundred; an "alias bomb" of a few hundred bytes expands to billions)
+MAX_YAML_NODES = 100_000
+
+
+class ConfigBoundError(ValueError):
+    """A config whose aliases expand beyond :data:`MAX_YAML_NODES`, or that refers to itself."""
+
+
+def _check_expansion(root: Any, limit: int = MAX_YAML_NODES) -> int:
+    """Count the nodes of a composed YAML document with every alias expanded, without expanding:
+    each distinct node is sized once (memo), so a bomb is measured in microseconds."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    visiting: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        nid = id(node)
+        if nid in sizes:
+            continue
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [x for kv in node.value for x in kv]
+        else:
+            sizes[nid] = 1
+            continue
+        if done:
+            visiting.discard(nid)
+            total = 1 + sum(sizes[id(c)] for c in children)
+            if total > limit:
+                raise ConfigBoundError(f"expands to more than {limit} values once its aliases (*name) are "
+                                       "followed (an alias bomb?)")
+            sizes[nid] = total
+            continue
+        if nid in visiting:
+            raise ConfigBoundError("refers to itself through an alias")
+        visiting.add(nid)
+        stack.append((node, True))
+        for c in children:
+            if id(c) not in sizes:
+                if id(c) in visiting:
+                    raise ConfigBoundError("refers to itself through an alias")
+                stack.append((c, False))
+    return sizes.get(id(root), 0)
+
+
+def bounded_yaml_load(stream: str) -> Any:
+    """jsonargparse's YAML loader, refusing alias expansion beyond :data:`MAX_YAML_NODES`."""
+    from jsonargparse._loaders_dumpers import get_yaml_default_loader, yaml_load
+
+    if isinstance(stream, str) and "*" in stream:  # without '*' there are no aliases to expand
+        import yaml
+
+        node = yaml.compose(stream, Loader=get_yaml_default_loader())
+        if node is not None:
+            _check_expansion(node)
+    return yaml_load(stream)
+
+
+def install_yaml_bounds() -> None:
+    """Make every YAML value jsonargparse loads (config files, inline values) bounded."""
+    import yaml
+    from jsonargparse import set_loader
+
+    set_loader("yaml", bounded_yaml_load, exceptions=(yaml.YAMLError,))
+
+
+def check_config_files(argv: Sequence[str], prog: str = "ntrk") -> None:
+    """Read every ``-c/--config FILE`` given before LightningCLI does and refuse, in one line, a
+    missing, unreadable, empty, malformed or alias-bomb file (LightningCLI's own messages for
+    these are tracebacks, usage screens or "Unexpected config:")."""
+    import yaml
+
+    files = []
+    for i, a in enumerate(argv):
+        if a in ("-c", "--config") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif a.startswith("--config="):
+            files.append(a.split("=", 1)[1])
+    for f in files:
+        p = Path(f)
+        if not p.exists() and ("\n" in f or ":" in f):
+            continue  # an inline YAML string, parsed (bounded) by the loader
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SystemExit(f"{prog}: error: config file not found: {p}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"{prog}: error: cannot read config file {p}: {e}") from None
+        try:
+            value = bounded_yaml_load(text) if text.strip() else None
+        except ConfigBoundError as e:
+            raise SystemExit(f"{prog}: error: config file {p} {e}") from None
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise SystemExit(f"{prog}: error: config file {p} is not valid YAML{line}: {problem}") from None
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise SystemExit(f"{prog}: error: config file {p} is empty (see configs/ for examples)")
+        if not isinstance(value, dict):
+            raise SystemExit(f"{prog}: error: config file {p} must be a YAML mapping of options, "
+                             f"found a {type(value).__name__}")
+
+
+_STRUCTURAL = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>",
+               "Expected a <class 'NoneType'>")
+
+
+def parse_error_line(message: str) -> str:
+    """One line from jsonargparse's nested parse error: the option path, the innermost reason
+    and the class_path it concerns."""
+    import re
+
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else "invalid arguments"
+    keys: list[str] = []
+    cls = None
+    reason = None
+    for ln in lines:
+        m = re.match(r'^(?:- )?Parser key "([^"]+)"', ln)
+        if m:
+            keys.append(m.group(1))
+            continue
+        m = re.match(r"^(?:- )?Problem with given class_path '([^']+)'", ln)
+        if m:
+            cls = m.group(1)
+            continue
+        if ln.startswith(_STRUCTURAL) or ln.lstrip("- ").startswith(_STRUCTURAL):
+            continue
+        reason = ln[2:] if ln.startswith("- ") else ln
+        if not reason.startswith("Parser key"):
+            break
+    reason = reason or lines[0]
+    where = ".".join(dict.fromkeys(keys))
+    text = f"{where}: {reason}" if where else reason
+    if cls and cls not in text:
+        text += f" (class_path {cls!r})"
+    return text + " (see `ntrk SUBCOMMAND --help`)" if "help" not in text else text

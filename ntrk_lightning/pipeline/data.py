@@ -4,8 +4,10 @@ An item is one requested sample: (prompt index, prompt, sample index, seed). Its
 from (run seed, prompt index, sample index) alone, so an image does not depend on the batch it
 was drawn in, on the number of processes, or on what an earlier, interrupted run had finished.
 
-Resumption: before sharding, rank 0 lists what the output folder already holds, and every rank
-receives that list (one broadcast in ``setup``); an item is served with the arms it still lacks,
+Resumption: before sharding and before any rank loads a model, rank 0 takes the folder's lock,
+checks the run's identity against ``run.json`` and verifies what the output folder already holds
+(:mod:`.run`); every rank receives the outcome (one broadcast in ``setup``: the finished samples,
+or the one-line error every rank then raises). An item is served with the arms it still lacks,
 and dropped when it lacks none. Lightning then shards the remaining items over the ranks with
 ``UnrepeatedDistributedSamplerWrapper`` (rank r gets items r, r+W, ...: no padding, no duplicates).
 Because every rank must get at least one item, a run with fewer remaining items than ranks is
@@ -23,7 +25,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
 
 from ntrk_lightning.noise import derive_seed
-from ntrk_lightning.pipeline import layout
+from ntrk_lightning.pipeline import layout, run
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,9 @@ class PromptDataModule(pl.LightningDataModule):
         self.num_workers = int(num_workers)
         self.items: list[Item] = []          # what this run generates (before sharding)
         self.finished: set[tuple[str, int, int]] = set()  # (arm, prompt, sample) found on disk
+        self.problems: list[dict[str, Any]] = []  # damaged samples found (and removed) on disk
+        self.identity: Optional[str] = None  # "new", "same", "extended" or "adopted"
+        self._lock: Any = None
 
     @property
     def num_items(self) -> int:
@@ -162,21 +167,55 @@ class PromptDataModule(pl.LightningDataModule):
         module = trainer.lightning_module if trainer is not None else None
         arms = list(getattr(module, "arm_names", ["sample"]))
         out = getattr(module, "output_dir", None)
-        finished: set[tuple[str, int, int]] = set()
-        if trainer is None or trainer.is_global_zero:
-            if out is not None:
-                # before the broadcast below, so no rank has started writing yet
-                layout.remove_stale_temporaries(Path(out), arms)
-                finished = layout.finished_keys(Path(out), arms)
-        if trainer is not None and trainer.world_size > 1:
-            finished = set(trainer.strategy.broadcast(sorted(finished), src=0))
         requested = self.all_items(arms)
         keys = {(a, it.prompt_index, it.sample_index) for it in requested for a in arms}
-        self.finished = finished & keys  # files of other prompt lists/sizes are not ours
+        outcome: dict[str, Any] = {"finished": [], "problems": [], "identity": None, "error": None}
+        if trainer is None or trainer.is_global_zero:
+            if out is not None:
+                try:
+                    outcome = self._prepare_folder(Path(out), module, arms, keys)
+                except (run.RunFolderError, OSError, ValueError) as e:
+                    self.release_lock()
+                    outcome["error"] = str(e).strip().splitlines()[0] or type(e).__name__
+        if trainer is not None and trainer.world_size > 1:
+            outcome = trainer.strategy.broadcast(outcome, src=0)
+        if outcome["error"]:
+            raise run.RunFolderError(outcome["error"])  # every rank: no one waits for the others
+        self.finished = {tuple(k) for k in outcome["finished"]}  # type: ignore[misc]
+        self.problems = list(outcome["problems"])
+        self.identity = outcome["identity"]
         self.items = pending_items(requested, self.finished)
         world = trainer.world_size if trainer is not None else 1
         self.items = pad_for_ranks(self.items, world)
 
+    def _prepare_folder(self, out: Path, module: Any, arms: list[str],
+                        keys: set[tuple[str, int, int]]) -> dict[str, Any]:
+        """Rank 0, before any rank writes or loads a model: lock, identity, integrity."""
+        self._lock = run.RunLock(out)
+        self._lock.acquire()
+        identity = None
+        if hasattr(module, "samplers"):
+            identity = run.check_identity(out, run.fingerprint(module, self.prompts, self.seed))
+        layout.remove_stale_temporaries(out, arms)
+        # files of other prompt lists/sizes are not ours: only the requested keys are checked
+        finished, problems = run.verify_finished(out, arms, keys, self.prompts)
+        layout.remove_failed(out, arms, keys - finished)  # generated again now
+        return {"finished": sorted(finished), "problems": problems, "identity": identity, "error": None}
+
+    def release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def teardown(self, stage: Optional[str] = None) -> None:
+        self.release_lock()
+
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(_Items(self.items), batch_size=self.batch_size, shuffle=False,
                           collate_fn=collate_items, num_workers=self.num_workers)
+
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        # Items are plain Python (prompts, 63-bit seeds; frozen, which Lightning's default mover
+        # rejects); the generation module makes its tensors on the device. The hook lives here,
+        # with the data, so Lightning does not warn that a module override shadows it.
+        return batch

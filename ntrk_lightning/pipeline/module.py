@@ -10,6 +10,7 @@ index) to their metrics, the metrics are synchronised, and rank 0 writes ``metri
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -21,8 +22,9 @@ from torch import Tensor, nn
 
 from ntrk_lightning.api import sample
 from ntrk_lightning.backbones.base import Backbone
-from ntrk_lightning.fileio import atomic_write_json
+from ntrk_lightning.fileio import atomic_write_json, atomic_write_text, json_safe
 from ntrk_lightning.pipeline import layout
+from ntrk_lightning.pipeline.console import step_callback
 from ntrk_lightning.pipeline.data import Item
 from ntrk_lightning.samplers.base import Sampler
 from rewards.base import Reward, is_differentiable
@@ -108,6 +110,9 @@ class GenerationModule(pl.LightningModule):
         self._scheduler: Any = None
         self._metrics_ready = False
         self._interrupted = False
+        #: class paths and init arguments of backbone/rewards as configured (set by the CLI); the
+        #: run fingerprint uses them (without them: class names and ``describe()``)
+        self.component_specs: Optional[dict[str, Any]] = None
 
     # ---- set-up ----------------------------------------------------------------------------
     @property
@@ -150,7 +155,9 @@ class GenerationModule(pl.LightningModule):
 
         if self.output_dir is None:
             raise ValueError("GenerationModule needs output_dir (ntrk predict --output_dir DIR)")
-        return [SampleWriter(self.output_dir)]
+        from ntrk_lightning.pipeline.console import StepProgress
+
+        return [SampleWriter(self.output_dir), StepProgress()]
 
     def on_predict_start(self) -> None:
         if torch.is_inference_mode_enabled() and any(getattr(s, "needs_gradient", False)
@@ -172,9 +179,6 @@ class GenerationModule(pl.LightningModule):
             self._interrupted = True
             raise SIGTERMException()
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch  # items are plain Python (prompts, 63-bit seeds); tensors are made on device
-
     def predict_step(self, batch: Sequence[Item], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         outputs = []
         model = self.backbone.model()
@@ -185,15 +189,31 @@ class GenerationModule(pl.LightningModule):
             prompts = [it.prompt for it in items]
             cond = self.backbone.conditioning(prompts)
             res = sample(model, self._scheduler, self.reward, spec, self.num_steps[arm], seed=[it.seed for it in items],
-                         cond=cond, prompts=prompts, device=self.device)
-            images = res.images.float().clamp(0.0, 1.0)
-            rewards = {GUIDANCE: res.rewards.float().cpu()}
+                         cond=cond, prompts=prompts, device=self.device,
+                         callback=step_callback(self._trainer, arm, self.num_steps[arm]))  # per-step progress on a terminal
+            n = len(items)
+            # a non-finite final image is a failed sample, never a black "finished" one
+            finite = torch.isfinite(res.images.detach().reshape(n, -1)).all(dim=1).cpu()
+            failed = [self._failed_record(arm, spec, it, res.images[j]) for j, it in enumerate(items)
+                      if not bool(finite[j])]
+            keep = [j for j in range(n) if bool(finite[j])]
+            if not keep:
+                outputs.append({"arm": arm, "records": [], "images": None, "failed": failed})
+                continue
+            if failed:
+                idx = torch.tensor(keep, device=res.images.device)
+                res_images, res_rewards = res.images.index_select(0, idx), res.rewards.index_select(0, idx.to(res.rewards.device))
+                items = [items[j] for j in keep]
+                prompts = [it.prompt for it in items]
+            else:
+                res_images, res_rewards = res.images, res.rewards
+            images = res_images.float().clamp(0.0, 1.0)
+            rewards = {GUIDANCE: res_rewards.float().cpu()}
             with torch.no_grad():
                 for name, r in self.eval_rewards.items():
                     rewards[name] = r(images, prompts).float().cpu()
             u8 = layout.to_uint8(images)
             self._update_metrics(arm, u8, rewards, items)
-            n = len(items)
             records = []
             for j, it in enumerate(items):
                 records.append({
@@ -204,11 +224,20 @@ class GenerationModule(pl.LightningModule):
                     "sampler": spec.describe(), "num_steps": self.num_steps[arm],
                     "rewards": {k: _num(v[j]) for k, v in rewards.items()},
                     "nfe": res.nfe, "grad_evals": res.grad_evals,
-                    "nan_fallbacks": int(res.nan_fallbacks_per_sample[j]),
+                    "nan_fallbacks": int(res.nan_fallbacks_per_sample[keep[j]]),
                     "seconds": res.seconds / n, "rank": self.global_rank,
                 })
-            outputs.append({"arm": arm, "records": records, "images": u8})
+            outputs.append({"arm": arm, "records": records, "images": u8, "failed": failed})
         return outputs
+
+    def _failed_record(self, arm: str, spec: Sampler, it: Item, image: Tensor) -> dict[str, Any]:
+        x = image.detach()
+        return {"arm": arm, "key": layout.key(arm, it.prompt_index, it.sample_index),
+                "prompt_index": it.prompt_index, "prompt": it.prompt, "sample_index": it.sample_index,
+                "seed": it.seed, "sampler": spec.describe(), "num_steps": self.num_steps[arm],
+                "failed": "non-finite final image",
+                "nan_values": int(torch.isnan(x).sum()), "inf_values": int(torch.isinf(x).sum()),
+                "values": int(x.numel()), "rank": self.global_rank}
 
     def _update_metrics(self, arm: str, u8: Tensor, rewards: dict[str, Tensor], items: Sequence[Item]) -> None:
         group = self.metrics[arm]
@@ -232,13 +261,38 @@ class GenerationModule(pl.LightningModule):
         dm = trainer.datamodule
         run_stats = {"world_size": trainer.world_size,
                      "generated_this_run": sum(len(it.arms) for it in getattr(dm, "items", [])),
-                     "predict_seconds": time.perf_counter() - self._t_start}
+                     "predict_seconds": time.perf_counter() - self._t_start,
+                     "identity": getattr(dm, "identity", None),
+                     "damaged_regenerated": len(getattr(dm, "problems", []) or []),
+                     "damaged": list(getattr(dm, "problems", []) or [])[:100]}
+        verdict = None
         if trainer.is_global_zero:
-            self._write_run_files(out, summary, run_stats)
+            verdict = self._write_run_files(out, summary, run_stats)
+            if trainer.loggers:  # --trainer.logger: final metrics per arm and the sample grid
+                from ntrk_lightning.pipeline.loggers import log_predict_run
+
+                log_predict_run(trainer.loggers, out)
+        if trainer.world_size > 1:
+            verdict = trainer.strategy.broadcast(verdict, src=0)
         trainer.strategy.barrier()
+        if verdict:
+            from ntrk_lightning.pipeline.run import RunFolderError
+
+            raise RunFolderError(verdict)
 
     def _catch_up(self, out: Path, dm: Any, rank: int, world: int) -> None:
-        """Add samples finished by an earlier run to this rank's metrics (rank r takes every W-th)."""
+        """Add samples finished by an earlier run to this rank's metrics (rank r takes every W-th).
+        They were verified in the data module's ``setup``; a file that changed since then is a
+        one-line error naming it."""
+        try:
+            self._catch_up_files(out, dm, rank, world)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            from ntrk_lightning.pipeline.run import RunFolderError
+
+            raise RunFolderError(f"a finished sample in {out} changed during the run ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}); rerun the same command") from None
+
+    def _catch_up_files(self, out: Path, dm: Any, rank: int, world: int) -> None:
         done = sorted(getattr(dm, "finished", set()))
         mine = done[rank::world]
         by_arm: dict[str, list[tuple[int, int]]] = {}
@@ -264,9 +318,23 @@ class GenerationModule(pl.LightningModule):
             res[key] = _plain(group[key].compute()) if key in group else None
         return res
 
-    def _write_run_files(self, out: Path, summary: dict[str, dict[str, Any]], run_stats: dict[str, Any]) -> None:
-        records = list(layout.iter_records(out, self.arm_names))
+    def _write_run_files(self, out: Path, summary: dict[str, dict[str, Any]],
+                         run_stats: dict[str, Any]) -> Optional[str]:
+        """Write records.jsonl, failed.jsonl, metrics.json and the report; returns the one-line
+        verdict when an arm has no finished sample because every one of its samples failed."""
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        wanted = None
+        if dm is not None and hasattr(dm, "all_items"):
+            wanted = {layout.key(a, it.prompt_index, it.sample_index)
+                      for it in dm.all_items(self.arm_names) for a in self.arm_names}
+        records = [r for r in layout.iter_records(out, self.arm_names) if wanted is None or r.get("key") in wanted]
         layout.write_records_jsonl(out, records)
+        failed = [r for r in layout.iter_failed(out, self.arm_names) if wanted is None or r.get("key") in wanted]
+        failed_file = out / layout.FAILED
+        if failed:
+            atomic_write_text(failed_file, "".join(json.dumps(json_safe(r)) + "\n" for r in failed))
+        elif failed_file.exists():
+            failed_file.unlink()
         arms = {}
         for arm in self.arm_names:
             recs = [r for r in records if r["arm"] == arm]
@@ -275,6 +343,7 @@ class GenerationModule(pl.LightningModule):
                 "sampler": self.samplers[arm].describe(),
                 "num_steps": self.num_steps[arm],
                 "num_samples": n,
+                "num_failed": sum(1 for r in failed if r["arm"] == arm),
                 "nfe_per_sample": _mean([r["nfe"] for r in recs]),
                 "grad_evals_per_sample": _mean([r["grad_evals"] for r in recs]),
                 "seconds_per_sample": _mean([r["seconds"] for r in recs]),
@@ -291,10 +360,15 @@ class GenerationModule(pl.LightningModule):
                   "arms": arms,
                   "last_run": run_stats}
         atomic_write_json(out / layout.METRICS, result)
-        if self.write_report:
+        dead = [a for a in self.arm_names if arms[a]["num_samples"] == 0 and arms[a]["num_failed"] > 0]
+        if self.write_report and not dead:
             from ntrk_lightning.report import write_report
 
             write_report([out], out, title=name)
+        if dead:
+            return (f"every sample of arm(s) {', '.join(dead)} failed (non-finite images; see "
+                    f"{out / layout.FAILED}): check the weights and the sampler's hyperparameters")
+        return None
 
     def teardown(self, stage: str) -> None:
         # Destroying the gloo/NCCL group avoids intermittent aborts at exit (PITFALLS).

@@ -6,14 +6,19 @@ from typing import Any
 
 from ntrk_lightning.samplers.base import Sampler, SampleResult, SamplingContext
 from ntrk_lightning.samplers.best_of_n import BestOfN
+from ntrk_lightning.samplers.das import DAS
 from ntrk_lightning.samplers.dps import DPS
+from ntrk_lightning.samplers.freedom import FreeDoM
 from ntrk_lightning.samplers.loop import TrajectorySampler, run_trajectory
 from ntrk_lightning.samplers.ntrk import NTRK
 from ntrk_lightning.samplers.plain import Plain
+from ntrk_lightning.samplers.psi import PsiSampler
+from ntrk_lightning.samplers.rbf import RBF
 from ntrk_lightning.samplers.smc import SMC
 from ntrk_lightning.samplers.svdd import SVDD
 
-REGISTRY: dict[str, type[Sampler]] = {cls.name: cls for cls in (Plain, NTRK, DPS, BestOfN, SVDD, SMC)}
+REGISTRY: dict[str, type[Sampler]] = {cls.name: cls for cls in (Plain, NTRK, DPS, BestOfN, SVDD, SMC,
+                                                                   FreeDoM, RBF, DAS, PsiSampler)}
 
 
 def register(cls: type[Sampler]) -> type[Sampler]:
@@ -35,4 +40,4 @@ def make_sampler(name: str, **kwargs: Any) -> Sampler:
 
 
 __all__ = ["Sampler", "SampleResult", "SamplingContext", "TrajectorySampler", "run_trajectory", "NTRK", "Plain", "DPS", "BestOfN", "SVDD", "SMC",
-           "REGISTRY", "register", "make_sampler"]
+           "FreeDoM", "RBF", "DAS", "PsiSampler", "REGISTRY", "register", "make_sampler"]

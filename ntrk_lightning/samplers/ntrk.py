@@ -80,7 +80,7 @@ class NTRK(TrajectorySampler):
     gamma: float = 0.1
     gamma_end: Optional[float] = None
     grad: Literal["denoiser", "tweedie"] = "denoiser"
-    whitening: str = "spectral"
+    whitening: str = "typical"
     block: int = 1
     tile: Optional[int] = None
     domains: Optional[tuple[str, ...]] = None

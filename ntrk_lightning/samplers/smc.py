@@ -102,6 +102,25 @@ class SMC(Sampler):
             return float(self.lam)
         return float(self.lam) * (step + 1) / (num_steps + 1)
 
+    def proposal_lam(self, step: int, num_steps: int) -> float:
+        """Strength in the guided proposal's shift at reverse step ``step`` (here lam_i; a subclass
+        may aim the proposal at the next step's target)."""
+        return self.lam_at(step, num_steps)
+
+    def initial_log_weights(self, r: Tensor) -> Tensor:
+        """Log importance weights (B, K) of the initial particles relative to draws from the prior,
+        given their rewards at x_T (B, K); zero here (x_T is drawn from the prior)."""
+        return torch.zeros_like(r)
+
+    def choose(self, ctx: SamplingContext, r0: Tensor, w: Tensor) -> Tensor:
+        """Index (B,) of the returned particle, from the final rewards ``r0`` and weights ``w`` (B, K)."""
+        k = r0.shape[1]
+        if self.select == "best":
+            return torch.where(torch.isnan(r0), torch.full_like(r0, float("-inf")), r0).argmax(dim=1)
+        if k == 1:
+            return torch.zeros(r0.shape[0], dtype=torch.long)
+        return categorical(w, GroupStreams.for_groups(ctx.noise.seeds, k, SMC_SELECT_TAG).uniform(1)[:, 0])
+
     def _update(self, log_w: Tensor, state: Tensor, r: Tensor, lam: float, first: bool) -> tuple[Tensor, Tensor]:
         """Add this step's log-potential to ``log_w``; ``state`` carries lam_{i-1} r_{i-1}
         (difference) or the running max/sum of rewards. All (B, K) float64."""
@@ -130,7 +149,8 @@ class SMC(Sampler):
         for i in range(s_steps):
             sigma = ctx.std(i)
             lam_i = self.lam_at(i, s_steps)
-            guided = self.proposal == "guided" and sigma > 0 and self.guidance > 0 and lam_i > 0
+            lam_prop = self.proposal_lam(i, s_steps)
+            guided = self.proposal == "guided" and sigma > 0 and self.guidance > 0 and lam_prop > 0
             g: Optional[Tensor] = None
             if guided:
                 eps, g, r = ctx.eps_and_grad(x, i, rows, self.grad)
@@ -138,6 +158,8 @@ class SMC(Sampler):
                 eps = ctx.eps(x, i, rows)
                 r = ctx.reward_nograd(ctx.x0_hat(x, eps, i), rows)
             r = r.double().cpu().view(b, k)
+            if i == 0:
+                log_w = log_w + self.initial_log_weights(r)
             log_w, state = self._update(log_w, state, r, lam_i, first=i == 0)
             if streams is not None:
                 w = normalize_log_weights(log_w)
@@ -164,7 +186,7 @@ class SMC(Sampler):
             if g is not None:
                 bad = ~torch.isfinite(g.flatten(1)).all(1)
                 ctx.count_fallbacks(bad)
-                coef = self.guidance * lam_i * sigma * sigma
+                coef = self.guidance * lam_prop * sigma * sigma
                 shift = torch.where(bad.view(-1, *([1] * (g.dim() - 1))), torch.zeros_like(g), coef * g)
                 x_next = x_next + shift.to(x_next.dtype)
                 sh = shift.flatten(1).double()
@@ -176,12 +198,7 @@ class SMC(Sampler):
         r0 = ctx.reward_nograd(x, rows).double().cpu().view(b, k)
         log_w, _ = self._update(log_w, state, r0, self.lam_at(s_steps, s_steps), first=s_steps == 0)
         w = normalize_log_weights(log_w)
-        if self.select == "best":
-            chosen = torch.where(torch.isnan(r0), torch.full_like(r0, float("-inf")), r0).argmax(dim=1)
-        elif k == 1:
-            chosen = torch.zeros(b, dtype=torch.long)
-        else:
-            chosen = categorical(w, GroupStreams.for_groups(ctx.noise.seeds, k, SMC_SELECT_TAG).uniform(1)[:, 0])
+        chosen = self.choose(ctx, r0, w)
         ctx.extras.update(
             particles=k,
             resampling_events=float(events.mean()),

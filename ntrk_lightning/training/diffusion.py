@@ -162,6 +162,17 @@ class DigitsDiffusionModule(pl.LightningModule):
             "card": f"{self.hparams.export_name}_card.json",
         }
 
+    #: safetensors metadata "kind" of the exported weights
+    weights_kind = "unet2d-ddpm-eps-ema"
+
+    def card_text(self) -> tuple[str, str, str]:
+        """(title, description, what the config JSON holds) for the model card."""
+        return ("pixel-space DDPM (epsilon prediction), diffusers UNet2DModel, EMA weights",
+                "Unconditional diffusion model of 16x16 one-channel digits in [-1, 1]. "
+                "Load with ntrk_lightning.backbones.digits_unet.load_digits_unet("
+                f"'{self.hparams.model_name}'); sample with make_scheduler() (DDIM, trailing spacing).",
+                "UNet2DModel + DDPMScheduler configs")
+
     def export(self, export_dir: str | os.PathLike[str]) -> dict[str, Any]:
         """Write EMA weights, config, card; evaluate the exported file. Returns the card."""
         hp = self.hparams
@@ -170,16 +181,15 @@ class DigitsDiffusionModule(pl.LightningModule):
         w_path = out / f"{name}.safetensors"
         c_path = out / f"{name}_config.json"
         size = ex.save_weights(self.ema_unet.state_dict(), w_path, hp.export_dtype,
-                               metadata={"model": hp.model_name, "kind": "unet2d-ddpm-eps-ema"})
+                               metadata={"model": hp.model_name, "kind": self.weights_kind})
         ex.atomic_write_text(c_path, json.dumps(self.model_config(), indent=2) + "\n")
         trainer = self.trainer
         dm = getattr(trainer, "datamodule", None)
+        title, description, config_note = self.card_text()
         card: dict[str, Any] = {
-            "title": "pixel-space DDPM (epsilon prediction), diffusers UNet2DModel, EMA weights",
-            "description": ("Unconditional diffusion model of 16x16 one-channel digits in [-1, 1]. "
-                            "Load with ntrk_lightning.backbones.digits_unet.load_digits_unet("
-                            f"'{hp.model_name}'); sample with make_scheduler() (DDIM, trailing spacing)."),
-            "files": {w_path.name: f"{size} bytes ({hp.export_dtype})", c_path.name: "UNet2DModel + DDPMScheduler configs"},
+            "title": title,
+            "description": description,
+            "files": {w_path.name: f"{size} bytes ({hp.export_dtype})", c_path.name: config_note},
             "data": {
                 "source": "sklearn.datasets.load_digits (bundled, 1797 8x8 images)",
                 "preprocessing": f"pixels/8-1 -> [-1,1], bilinear upsampling to {hp.resolution}x{hp.resolution}",

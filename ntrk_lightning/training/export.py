@@ -116,7 +116,7 @@ def _fmt(v: Any) -> str:
 _INTRO = """# Shipped digit models (16x16, one channel)
 
 Weights in this folder are produced by `ntrk fit -c configs/<config>.yaml` (see
-`docs/digits_model.md`). All three networks are trained on scikit-learn's bundled handwritten digits
+the recipe comments in each config). All networks here are trained on scikit-learn's bundled handwritten digits
 (1797 images of 8x8, bilinearly upsampled to 16x16, pixels in [-1, 1]), on the training split
 (`split_indices(1797, fraction_test=0.2, seed=0)`: 1438 train / 359 test). No shipped network has
 seen the 359 test digits. Floats are stored in float16 and loaded back to float32.
@@ -144,7 +144,7 @@ def rebuild_markdown(export_dir: Path) -> Path:
             lines.append("| metric | value |\n|---|---|")
             lines.extend(f"| {k} | {_fmt(v)} |" for k, v in card["quality"].items())
             lines.append("")
-        for key in ("retrain_check",):
+        for key in ("retrain_check", "notes"):
             if key in card:
                 lines.append(f"**{key}**\n")
                 lines.extend(f"- {k}: {_fmt(v)}" for k, v in card[key].items())

@@ -1,0 +1,461 @@
+"""What keeps a run folder whole: its identity (``run.json``), its lock (``run.lock``) and the
+checks of finished samples on resume (see docs/run_format.md).
+
+* **Identity.** ``run.json`` holds a fingerprint of everything that decides the samples: the
+  backbone (class, init arguments, size and sha256 of its weight files), the guidance reward and
+  the evaluation rewards (the same), the run seed, the prompt list and, per arm, the sampler
+  spec and its steps. A rerun compares its own fingerprint with the stored one before any model
+  work and is refused, naming what differs, unless it only *extends* the run (more prompts after
+  the stored ones, more samples per prompt, another arm). A folder written before fingerprints
+  existed is adopted: the rerun's fingerprint is written, and the checks below then regenerate
+  any sample whose record does not match it.
+* **Lock.** One run at a time writes a folder: ``run.lock`` is created with ``O_CREAT|O_EXCL`` and
+  holds the holder's host, PID (and the PID's start time), Slurm job and start time. A lock whose
+  holder is gone (same host, PID not running) or is an earlier attempt of the same Slurm job (a
+  requeue) is taken over; a lock held from another host is never guessed stale: the refusal
+  says which host holds it and how to remove it. Global rank 0 takes the lock in the data
+  module's ``setup`` (before any rank loads a model) and the other ranks learn the outcome by
+  broadcast.
+* **Integrity.** A finished sample is a record JSON and its PNG; the record carries the PNG's
+  byte size and sha256. On resume every finished sample of the request is checked (record
+  parses and names its own key and prompt, PNG size and checksum match); anything else is
+  deleted, counted and generated again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from ntrk_lightning.fileio import atomic_write_json, file_identity, sha256_file
+from ntrk_lightning.pipeline import layout
+
+RUN_JSON = "run.json"
+LOCK = "run.lock"
+FORMAT_VERSION = 1
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used as asked (locked, another run's, every sample failed); the
+    message is one line naming the folder and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprint
+# ---------------------------------------------------------------------------------------------
+
+def _plain(v: Any) -> Any:
+    """JSON-able, order-stable form of a config value or hyperparameter."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, float):
+        return v if v == v and v not in (float("inf"), float("-inf")) else repr(v)
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if hasattr(v, "as_dict"):  # jsonargparse Namespace
+        return _plain(v.as_dict())
+    return repr(v)
+
+
+def _strip_paths(v: Any) -> Any:
+    """Init arguments with local paths replaced by a marker: the weights' content (hashed
+    separately) is what decides the samples, not where the files happen to live."""
+    if isinstance(v, dict):
+        return {k: _strip_paths(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_strip_paths(x) for x in v]
+    if isinstance(v, str) and (os.sep in v or v.startswith(".")) and Path(v).exists():
+        return "<local path>"
+    return v
+
+
+def _weight_files(obj: Any, spec: Any) -> list[Path]:
+    """Files whose content decides ``obj``'s outputs: its ``weight_files()`` if it has one, else
+    every existing file named by its init arguments (files inside named folders included)."""
+    fn = getattr(obj, "weight_files", None)
+    if callable(fn):
+        return [Path(p) for p in fn()]
+    found: list[Path] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        elif isinstance(v, str) and v:
+            p = Path(v)
+            try:
+                if p.is_file():
+                    found.append(p)
+                elif p.is_dir():
+                    found.extend(q for q in sorted(p.rglob("*")) if q.is_file()
+                                 and q.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".txt"))
+            except OSError:
+                pass
+
+    walk(spec)
+    return found
+
+
+def component_fingerprint(obj: Any, spec: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Class, init arguments (from the parsed config when known) and weight-file identities."""
+    if spec is None:
+        describe = getattr(obj, "describe", None)
+        spec = {"class_path": f"{type(obj).__module__}.{type(obj).__qualname__}",
+                "describe": _plain(describe()) if callable(describe) else None}
+    spec = _plain(spec)
+    weights = sorted((file_identity(p) for p in _weight_files(obj, spec)), key=lambda d: (d["name"], d["sha256"]))
+    return {**_strip_paths(spec), "weights": weights}
+
+
+def fingerprint(module: Any, prompts: Sequence[str], seed: int) -> dict[str, Any]:
+    """The fingerprint of a generation run (``module``: a ``GenerationModule``)."""
+    specs: dict[str, Any] = getattr(module, "component_specs", None) or {}
+    eval_specs = specs.get("eval_rewards") or {}
+    return {
+        "format": FORMAT_VERSION,
+        "backbone": component_fingerprint(module.backbone, specs.get("backbone")),
+        "reward": component_fingerprint(module.reward, specs.get("reward")),
+        "eval_rewards": {n: component_fingerprint(r, eval_specs.get(n)) for n, r in module.eval_rewards.items()},
+        "seed": int(seed),
+        "prompts": list(prompts),
+        "arms": {arm: {"class_path": f"{type(s).__module__}.{type(s).__qualname__}",
+                       "sampler": _plain(s.describe()), "num_steps": int(module.num_steps[arm])}
+                 for arm, s in module.samplers.items()},
+    }
+
+
+def _first_difference(a: Any, b: Any, path: str) -> Optional[str]:
+    if a in (None, "<local path>") and b in (None, "<local path>"):
+        return None  # a default folder or an explicit one: the weight hashes decide
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                return f"{path}.{k}"
+            d = _first_difference(a[k], b[k], f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = _first_difference(x, y, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    return None if a == b else path
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    s = json.dumps(v) if not isinstance(v, str) else repr(v)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _get(d: Any, dotted: str) -> Any:
+    cur = d
+    for part in dotted.strip(".").replace("]", "").replace("[", ".").split("."):
+        if isinstance(cur, dict):
+            cur = cur.get(part, "<absent>")
+        elif isinstance(cur, list):
+            try:
+                cur = cur[int(part)]
+            except (ValueError, IndexError):
+                return "<absent>"
+        else:
+            return "<absent>"
+    return cur
+
+
+def merge_fingerprint(stored: dict[str, Any], new: dict[str, Any]) -> tuple[Optional[str], dict[str, Any]]:
+    """(what differs, or ``None``; the fingerprint to store). Extending is allowed: prompts
+    appended after the stored ones, arms added (stored arms the rerun does not name are kept)."""
+    for field in ("backbone", "reward", "eval_rewards", "seed"):
+        d = _first_difference(stored.get(field), new.get(field), field)
+        if d:
+            return (f"{d} was {_short(_get(stored, d))}, now {_short(_get(new, d))}", stored)
+    old_p, new_p = list(stored.get("prompts") or []), list(new.get("prompts") or [])
+    common = min(len(old_p), len(new_p))
+    for i in range(common):
+        if old_p[i] != new_p[i]:
+            return (f"prompt {i} was {_short(old_p[i])}, now {_short(new_p[i])} (only appending prompts "
+                    "extends a run)", stored)
+    arms = dict(stored.get("arms") or {})
+    for arm, spec in (new.get("arms") or {}).items():
+        if arm in arms:
+            d = _first_difference(arms[arm], spec, f"arms.{arm}")
+            if d:
+                return (f"{d} was {_short(_get(stored, d))}, now {_short(_get(new, d))}", stored)
+        else:
+            arms[arm] = spec
+    merged = dict(new)
+    merged["prompts"] = old_p if len(old_p) >= len(new_p) else new_p
+    merged["arms"] = arms
+    return None, merged
+
+
+def check_identity(out: Path, new: dict[str, Any]) -> str:
+    """Compare with ``out/run.json`` and store the merged fingerprint; returns ``"new"``,
+    ``"same"``, ``"extended"`` or ``"adopted"`` (a folder with samples but no fingerprint).
+    Raises :class:`RunFolderError` naming the first difference."""
+    path = out / RUN_JSON
+    stored: Optional[dict[str, Any]] = None
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(stored, dict) or "fingerprint" not in stored:
+                raise ValueError("no 'fingerprint' object")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise RunFolderError(f"{path} is unreadable ({e}); restore it, or delete it to adopt the folder "
+                                 "(finished samples are then checked against this run's settings)") from None
+    if stored is None:
+        _write_run_json(out, new)
+        return "adopted" if _has_samples(out) else "new"
+    diff, merged = merge_fingerprint(stored["fingerprint"], new)
+    if diff and not _has_samples(out):
+        # nothing generated under the stored identity (e.g. a first attempt that stopped at a
+        # corrupt weights file): nothing can be mixed, so the folder takes the new identity
+        _write_run_json(out, new)
+        return "new"
+    if diff:
+        raise RunFolderError(f"{out} holds a different run: {diff}; use another --output_dir (a run "
+                             "folder can only be extended: more prompts, samples or arms)")
+    if merged != stored["fingerprint"]:
+        _write_run_json(out, merged, created=stored.get("created"))
+        return "extended"
+    return "same"
+
+
+def _has_samples(out: Path) -> bool:
+    """Whether ``out`` holds any sample record or failure marker."""
+    images = out / layout.IMAGES
+    return images.is_dir() and any(p.name.endswith(".json") for p in images.rglob("p*_s*.json"))
+
+
+def _write_run_json(out: Path, fp: dict[str, Any], created: Optional[str] = None) -> None:
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    atomic_write_json(out / RUN_JSON, {"created": created or now, "updated": now, "fingerprint": fp})
+
+
+# ---------------------------------------------------------------------------------------------
+# Lock
+# ---------------------------------------------------------------------------------------------
+
+_HELD: dict[str, "RunLock"] = {}
+
+
+def _proc_start(pid: int) -> Optional[str]:
+    """Start time of ``pid`` in clock ticks since boot (Linux), to tell a reused PID apart."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: Optional[str]) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, another user's
+    now = _proc_start(pid)
+    return not (start and now and now != start)
+
+
+class RunLock:
+    """The lock file of one run folder, held by this process (see the module docstring)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        self.token = uuid.uuid4().hex
+        self.held = False
+
+    def _payload(self) -> dict[str, Any]:
+        import sys
+
+        return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _proc_start(os.getpid()),
+                "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": self.token,
+                "command": " ".join(sys.argv)[:500]}
+
+    def _read(self) -> Optional[dict[str, Any]]:
+        try:
+            d = json.loads(self.path.read_text(encoding="utf-8"))
+            return d if isinstance(d, dict) else None
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+
+    def _stale(self, holder: Optional[dict[str, Any]]) -> bool:
+        if holder is None:  # being written, or its writer died between create and write
+            try:
+                return time.time() - self.path.stat().st_mtime > 30
+            except OSError:
+                return True
+        if holder.get("token") in {lk.token for lk in _HELD.values()}:
+            return False
+        me = self._payload()
+        if holder.get("slurm_job") and holder.get("slurm_job") == me["slurm_job"]:
+            # a requeued Slurm job (any node) replaces its own earlier attempt
+            if int(holder.get("slurm_restart") or 0) < me["slurm_restart"]:
+                return True
+            if holder.get("host") != me["host"]:
+                return False
+        if holder.get("host") != me["host"]:
+            return False  # cannot see the holder's processes: never guess
+        pid = int(holder.get("pid", -1))
+        if pid == os.getpid():
+            return True  # this process, but no lock object of it holds it: left by a failed run
+        return not _alive(pid, holder.get("pid_start"))
+
+    def acquire(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read()
+                if not self._stale(holder):
+                    raise RunFolderError(self._refusal(holder)) from None
+                self._take_over(holder)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self._payload(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            self.held = True
+            _HELD[self.token] = self
+            return
+        raise RunFolderError(f"could not take the lock {self.path}: other processes keep replacing it")
+
+    def _take_over(self, holder: Optional[dict[str, Any]]) -> None:
+        """Move the stale lock aside; if what was moved is not the stale lock (someone else took
+        over in between), put it back."""
+        aside = self.path.with_name(f".{LOCK}.{self.token}.stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        moved = None
+        try:
+            moved = json.loads(aside.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+        if holder is not None and (not isinstance(moved, dict) or moved.get("token") != holder.get("token")):
+            try:
+                os.link(aside, self.path)  # fails if yet another lock exists: then that one stands
+            except OSError:
+                pass
+        try:
+            os.unlink(aside)
+        except OSError:
+            pass
+
+    def _refusal(self, holder: Optional[dict[str, Any]]) -> str:
+        if holder is None:
+            return (f"{self.folder} is locked by a run that is starting ({self.path} is being written); "
+                    "wait for it, or use another --output_dir")
+        where = f"PID {holder.get('pid')} on host {holder.get('host')}"
+        if holder.get("slurm_job"):
+            where += f" (Slurm job {holder.get('slurm_job')})"
+        return (f"{self.folder} is in use by another run: {where}, started {holder.get('started')}; wait for "
+                f"it or use another --output_dir (if that process is gone, delete {self.path})")
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        _HELD.pop(self.token, None)
+        holder = self._read()
+        if holder is not None and holder.get("token") == self.token:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+
+
+def release_all() -> None:
+    """Release every lock this process holds (end of a run, errors, exit)."""
+    for lk in list(_HELD.values()):
+        lk.release()
+
+
+import atexit  # noqa: E402
+
+atexit.register(release_all)
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrity of finished samples
+# ---------------------------------------------------------------------------------------------
+
+def png_identity(data: bytes) -> dict[str, Any]:
+    import hashlib
+
+    return {"png_bytes": len(data), "png_sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _check_png(path: Path, rec: dict[str, Any]) -> Optional[str]:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return "PNG missing"
+    if "png_sha256" in rec:
+        if size != rec.get("png_bytes"):
+            return f"PNG has {size} bytes, its record says {rec.get('png_bytes')}"
+        if sha256_file(path) != rec["png_sha256"]:
+            return "PNG checksum differs from its record"
+        return None
+    from PIL import Image  # a record from before checksums: the PNG must at least decode
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as e:
+        return f"PNG does not decode ({type(e).__name__})"
+    return None
+
+
+def verify_finished(out: Path, arms: Sequence[str], wanted: Iterable[tuple[str, int, int]],
+                    prompts: Sequence[str]) -> tuple[set[tuple[str, int, int]], list[dict[str, Any]]]:
+    """(finished keys, problems): every requested sample with a record is checked; a sample whose
+    record or PNG is damaged, or whose record belongs to another key or prompt, is deleted (record
+    first, so it never counts as finished) and reported in ``problems`` to be generated again."""
+    wanted = set(wanted)
+    finished: set[tuple[str, int, int]] = set()
+    problems: list[dict[str, Any]] = []
+    for arm, p, s in sorted(layout.finished_candidates(out, arms) & wanted):
+        rec_path, png_path = layout.record_path(out, arm, p, s), layout.image_path(out, arm, p, s)
+        reason = None
+        try:
+            rec = json.loads(rec_path.read_text(encoding="utf-8"))
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            rec, reason = {}, f"record unreadable ({type(e).__name__})"
+        if reason is None and (rec.get("arm") != arm or rec.get("prompt_index") != p or rec.get("sample_index") != s):
+            reason = "record names another sample"
+        if reason is None and p < len(prompts) and rec.get("prompt", "") != prompts[p]:
+            reason = "record has another prompt"
+        if reason is None:
+            reason = _check_png(png_path, rec)
+        if reason is None:
+            finished.add((arm, p, s))
+            continue
+        problems.append({"key": layout.key(arm, p, s), "problem": reason})
+        for f in (rec_path, png_path):
+            try:
+                f.unlink()
+            except FileNotFoundError:
+                pass
+    return finished, problems
