@@ -128,6 +128,7 @@ def test_baselines_do_not_depend_on_batch_composition(gmm_testbed, gmm_reward):
         assert torch.allclose(whole.samples, torch.cat([p.samples for p in parts]), atol=1e-5), spec.name
 
 
+@pytest.mark.core
 def test_bad_baseline_arguments():
     for name, kw, msg in [("best_of_n", {"n": 0}, "n must"), ("svdd", {"candidates": 0}, "candidates"),
                           ("svdd", {"eta": 0.0}, "eta"), ("smc", {"particles": 0}, "particles"),
@@ -140,6 +141,7 @@ def test_bad_baseline_arguments():
 
 # ---- particle-weight utilities ---------------------------------------------------------------
 
+@pytest.mark.core
 def test_ess_extremes_and_normalization():
     k = 8
     uniform = torch.full((3, k), 1.0 / k, dtype=torch.float64)
@@ -160,6 +162,7 @@ def test_ess_extremes_and_normalization():
         ess(torch.tensor([[-0.1, 1.1]]))
 
 
+@pytest.mark.core
 def test_systematic_resampling_copies_floor_or_ceil_of_k_w():
     g = torch.Generator().manual_seed(1)
     k = 7
@@ -173,6 +176,7 @@ def test_systematic_resampling_copies_floor_or_ceil_of_k_w():
     assert 1 not in systematic_resample(zero, torch.tensor([0.999], dtype=torch.float64)).tolist()[0]
 
 
+@pytest.mark.core
 def test_multinomial_resampling_is_unbiased():
     """E[copies of j] = K w_j: 20000 groups, so each mean count has SE <= sqrt(K w (1-w) / 20000)
     < 0.011; allow 0.05."""
@@ -188,6 +192,7 @@ def test_multinomial_resampling_is_unbiased():
         multinomial_resample(w[:2], torch.rand(2, 3, dtype=torch.float64))
 
 
+@pytest.mark.core
 def test_flat_indices_stay_in_their_group():
     local = torch.tensor([[0, 0, 2], [1, 2, 2]])
     assert flat_indices(local, 3).tolist() == [0, 0, 2, 4, 5, 5]

@@ -8,6 +8,8 @@ import torch
 
 from ntrk_lightning.whitening import KINDS, block_labels, whiten
 
+pytestmark = pytest.mark.core
+
 PROJECTIONS = [("spectral", 1), ("spectral", 2), ("spectral", 3), ("spectral", 4), ("radial", 1),
                ("radial", 3), ("sphere", 1)]
 SHAPES = [(3, 2, 8, 8), (2, 1, 16, 16), (2, 3, 7, 10), (2, 4, 9, 9)]
