@@ -90,7 +90,7 @@ def readme_section() -> str:
     ov = _load("overhead")
     if ov:
         r = ov["ratio_to_plain"]
-        L += [f"**Overhead** (digits16, batch {ov['batch']}, side by side): a step costs {r['dps']:.2f}x plain for DPS "
+        L += [f"**Overhead** (digits16, batch {ov['batch']}, side by side, measured with the earlier tilt kernel and `spectral` whitening): a step costs {r['dps']:.2f}x plain for DPS "
               f"and {r['ntrk']:.2f}x plain for NTRK; NTRK/DPS = {ov['ntrk_over_dps']:.3f}; the whitening is "
               f"{100 * ov['whitening_share_of_ntrk_step']:.2f}% of an NTRK step; an NTRK step is "
               f"{ov['ntrk_step_over_floor']:.2f}x one denoiser forward + reward backward "
