@@ -36,7 +36,7 @@ def _recording(scheduler):
 def test_ntrk_changes_only_the_noise_the_mean_is_pretrained(gmm_testbed, gmm_reward):
     model, gmm, sch = gmm_testbed
     rec = _recording(sch)
-    res = sample(model, rec, gmm_reward, NTRK(mode="tilt", gamma=0.5), num_steps=10, shape=(6, *SHAPE), seed=3)
+    res = sample(model, rec, gmm_reward, NTRK(mode="tilt", gamma=0.5, whitening="spectral"), num_steps=10, shape=(6, *SHAPE), seed=3)
     assert len(CALLS) == 10 and res.nfe == 10
     plain_sched = DDIMScheduler.from_config(sch.config)
     plain_sched.set_timesteps(10)
