@@ -47,6 +47,10 @@ def quiet_library_noise() -> None:
     # message is about Lightning's code, raised at the first batch transfer of every run.
     warnings.filterwarnings("ignore", message=re.escape("`isinstance(treespec, LeafSpec)` is deprecated"),
                             category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+    # Printed on any machine where Slurm's client is installed, even for a local run; under Slurm the
+    # project's batch script (scripts/slurm/predict.sbatch) launches `ntrk` through srun itself.
+    warnings.filterwarnings("ignore", message=re.escape("The `srun` command is available on your system but is not used"),
+                            module=r"lightning\.fabric\.plugins\.environments\.slurm")
 
 
 # ---------------------------------------------------------------------------------------------
