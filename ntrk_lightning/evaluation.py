@@ -494,7 +494,7 @@ class EvaluationModule(LightningModule):
 
 
 def _destroy_process_group(barrier: bool = True) -> None:
-    """Barrier + destroy: without it gloo processes intermittently abort at exit (PITFALLS).
+    """Barrier + destroy: without it gloo processes intermittently abort at exit ("terminate called without an active exception").
     After an error the barrier is skipped: another rank may never reach it."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         try:

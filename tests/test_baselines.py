@@ -1,4 +1,4 @@
-"""Baselines on the shared loop (DESIGN §2): NFE accounting, reductions to plain sampling, the
+"""Baselines on the shared loop: NFE accounting, reductions to plain sampling, the
 particle-weight utilities, and reward gains over plain sampling on the exact digits GMM."""
 
 import math

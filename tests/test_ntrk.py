@@ -1,4 +1,4 @@
-"""The NTRK step and the sampler loop (DESIGN §1.1) on the exact digits GMM."""
+"""The NTRK step and the sampler loop on the exact digits GMM."""
 
 import math
 

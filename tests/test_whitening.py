@@ -1,4 +1,4 @@
-"""Properties of the whitening operator W (DESIGN §1.2)."""
+"""Properties of the whitening operator W (docs/whitening.md)."""
 
 import math
 

@@ -13,7 +13,7 @@ them exactly as it reads the real ones:
 * :func:`make_tiny_pickscore` — a transformers ``CLIPModel`` folder + tokenizer + preprocessor.
 
 The tokenizers are built from the BPE vocabulary that ships inside the open_clip wheel, so no
-vocabulary is downloaded (PITFALLS, "Models, offline").
+vocabulary is downloaded (open_clip ships its BPE file in the wheel).
 """
 
 from __future__ import annotations

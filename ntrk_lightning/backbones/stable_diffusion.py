@@ -7,7 +7,7 @@
     res = ntrk_lightning.sample(model, scheduler, reward, NTRK(), 25, seed=[0, 1, 2, 3], cond=cond,
                                 prompts=["a photo of a cat"] * 4)
 
-What the core sees (DESIGN.md §3):
+What the core sees (the denoiser interface of ntrk_lightning.denoiser):
 
 * the state is the VAE latent (4, H/8, W/8), kept in float32 (the scheduler's arithmetic);
 * the denoiser is classifier-free guidance over the ``UNet2DConditionModel``: ``eps_u + s (eps_c -

@@ -5,7 +5,7 @@ configs use :class:`~ntrk_lightning.pipeline.GenerationModule` with
 :class:`~ntrk_lightning.pipeline.PromptDataModule`; ``fit`` configs the training modules of
 :mod:`ntrk_lightning.training`.
 
-Project defaults (PITFALLS.md says why):
+Project defaults, each with the reason:
 
 * ``--output_dir`` (top level) sets the generation module's output folder and the trainer's
   ``default_root_dir``, where ``config.yaml`` is written; ``SaveConfigCallback`` overwrites it, so
@@ -72,7 +72,7 @@ class NTRKCLI(LightningCLI):
             cfg["trainer"]["default_root_dir"] = out
             if cfg["trainer"].get("inference_mode", False):
                 self.parser.error("trainer.inference_mode must be false for predict: reward guidance needs "
-                                  "autograd inside predict_step (PITFALLS: inference mode kills gradients)")
+                                  "autograd inside predict_step (inference mode kills gradients)")
 
     def instantiate_classes(self) -> None:
         """Instantiate, turning configuration errors raised by our classes into one clear line.

@@ -167,7 +167,7 @@ class GenerationModule(pl.LightningModule):
         self._t_start = time.perf_counter()
         for group in self.metrics.values():
             for m in group.values():
-                m.reset()  # ddp_spawn on CPU shares metric storage between ranks (PITFALLS)
+                m.reset()  # ddp_spawn on CPU shares metric storage between ranks
 
     # ---- generation --------------------------------------------------------------------------
     def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -371,7 +371,7 @@ class GenerationModule(pl.LightningModule):
         return None
 
     def teardown(self, stage: str) -> None:
-        # Destroying the gloo/NCCL group avoids intermittent aborts at exit (PITFALLS).
+        # Destroying the gloo/NCCL group avoids intermittent aborts at exit.
         if stage == "predict" and torch.distributed.is_available() and torch.distributed.is_initialized():
             try:
                 if not self._interrupted:  # after a signal the other ranks may be gone
