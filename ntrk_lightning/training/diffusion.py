@@ -219,11 +219,10 @@ class DigitsDiffusionModule(pl.LightningModule):
         ex.write_card(out, name, card)
         return card
 
-    def _evaluate_export(self, out: Path) -> dict[str, Any]:
+    def _eval_classifiers(self, out: Path) -> tuple[Path, Any, Any]:
+        """(folder, reward net, judge) for the export's quality check: an explicit folder, the
+        export folder when it holds classifiers, else the shipped ones."""
         from rewards.digits import SHIPPED_CLASSIFIERS, load_shipped_classifier, shipped_weights_dir
-
-        from ntrk_lightning.backbones.digits_unet import DigitFeatures, load_digits_unet, make_scheduler
-        from ntrk_lightning.training.quality import evaluate_digits_model
 
         hp = self.hparams
         if hp.eval_classifier_dir is not None:
@@ -232,8 +231,14 @@ class DigitsDiffusionModule(pl.LightningModule):
             cdir = out
         else:
             cdir = shipped_weights_dir()
-        reward_net = load_shipped_classifier("reward", weights_dir=cdir)
-        judge = load_shipped_classifier("judge", weights_dir=cdir)
+        return cdir, load_shipped_classifier("reward", weights_dir=cdir), load_shipped_classifier("judge", weights_dir=cdir)
+
+    def _evaluate_export(self, out: Path) -> dict[str, Any]:
+        from ntrk_lightning.backbones.digits_unet import DigitFeatures, load_digits_unet, make_scheduler
+        from ntrk_lightning.training.quality import evaluate_digits_model
+
+        hp = self.hparams
+        cdir, reward_net, judge = self._eval_classifiers(out)
         model = load_digits_unet(hp.model_name, root=out)  # what ships, float16 round trip included
         q = evaluate_digits_model(model, make_scheduler(hp.model_name, root=out), DigitFeatures(reward_net),
                                   judge, reward_net, n=hp.eval_samples, num_steps=hp.eval_steps,

@@ -172,21 +172,12 @@ class DigitsFlowModule(DigitsDiffusionModule):
                 "UNet2DModel + FlowMatchEulerDiscreteScheduler configs")
 
     def _evaluate_export(self, out: Path) -> dict[str, Any]:
-        from rewards.digits import SHIPPED_CLASSIFIERS, load_shipped_classifier, shipped_weights_dir
-
         from ntrk_lightning.backbones.digits_flow import load_digits_flow, make_scheduler
         from ntrk_lightning.backbones.digits_unet import DigitFeatures
         from ntrk_lightning.training.quality import core_sample, evaluate_digits_model
 
         hp = self.hparams
-        if hp.eval_classifier_dir is not None:
-            cdir = Path(hp.eval_classifier_dir)
-        elif all((out / f).is_file() for f, _ in SHIPPED_CLASSIFIERS.values()):
-            cdir = out
-        else:
-            cdir = shipped_weights_dir()
-        reward_net = load_shipped_classifier("reward", weights_dir=cdir)
-        judge = load_shipped_classifier("judge", weights_dir=cdir)
+        cdir, reward_net, judge = self._eval_classifiers(out)
         model = load_digits_flow(hp.model_name, root=out)  # what ships, float16 round trip included
         q = evaluate_digits_model(model, make_scheduler(hp.model_name, root=out), DigitFeatures(reward_net),
                                   judge, reward_net, n=hp.eval_samples, num_steps=hp.eval_steps,
