@@ -53,6 +53,10 @@ class Testbed:
     quality_tolerance: float = 0.0  # how much worse than plain sampling a tuned setting may be
     gradient_grid: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)  # NTRK gamma / DPS scale at S = 25
     extra: dict = field(default_factory=dict)
+    # the feature space of the quality measures (MMD and FID): features(samples, images) and the
+    # features of the reference set (the target class's real or exact draws)
+    features: Optional[Callable[[Tensor, Tensor], Tensor]] = None
+    reference_features: Optional[Tensor] = None
 
 
 def gmm_testbed() -> Testbed:
@@ -74,16 +78,24 @@ def gmm_testbed() -> Testbed:
         return {"log_p0": float(gmm.log_prob(samples).mean())}
 
     return Testbed("gmm", model, sch, ClassLogitReward(clf, TARGET), judge, "MMD vs exact 3s", False,
-                   quality, (1, 8, 8), extra={"gmm": gmm, "metrics": log_p0,
+                   quality, (1, 8, 8), features=lambda samples, images: samples.flatten(1).double(),
+                   reference_features=real, extra={"gmm": gmm, "metrics": log_p0,
                                               "log_p0_of_exact_3s": float(gmm.log_prob(draws[labels == TARGET][:2000]).mean())})
 
 
-def digits_testbed() -> Testbed:
+def digits_testbed(flow: bool = False) -> Testbed:
+    """The shipped digits16 DDPM UNet, or with ``flow=True`` the shipped rectified-flow UNet
+    ``digits_flow`` (same size, same data); reward, judge and feature space are shared."""
     from ntrk_lightning.backbones.digits_unet import DigitFeatures, load_digits_unet, make_scheduler
     from ntrk_lightning.training.quality import real_images
     from rewards.digits import ClassLogitReward, load_shipped_classifier
 
-    model = load_digits_unet()
+    if flow:
+        from ntrk_lightning.backbones import digits_flow
+
+        model, scheduler = digits_flow.load_digits_flow(), digits_flow.make_scheduler()
+    else:
+        model, scheduler = load_digits_unet(), make_scheduler()
     reward_net = load_shipped_classifier("reward")
     judge = load_shipped_classifier("judge")
     feat = DigitFeatures(reward_net)
@@ -92,13 +104,16 @@ def digits_testbed() -> Testbed:
         real_f = feat(x[y == TARGET]).double()
     bandwidth = median_distance(real_f)
 
-    def quality(samples: Tensor, images: Tensor) -> float:
+    def features(samples: Tensor, images: Tensor) -> Tensor:
         with torch.no_grad():
-            return mmd(feat(images.clamp(0, 1)).double(), real_f, bandwidth)
+            return feat(images.clamp(0, 1)).double()
 
-    return Testbed("digits", model, make_scheduler(), ClassLogitReward(reward_net, TARGET), judge,
-                   "MMD vs real 3s", False, quality, (1, 16, 16), quality_tolerance=0.0,
-                   gradient_grid=(0.05, 0.1, 0.2))
+    def quality(samples: Tensor, images: Tensor) -> float:
+        return mmd(features(samples, images), real_f, bandwidth)
+
+    return Testbed("digits_flow" if flow else "digits", model, scheduler, ClassLogitReward(reward_net, TARGET),
+                   judge, "MMD vs real 3s", False, quality, (1, 16, 16), quality_tolerance=0.0,
+                   gradient_grid=(0.05, 0.1, 0.2), features=features, reference_features=real_f)
 
 
 def median_distance(x: Tensor) -> float:

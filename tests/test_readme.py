@@ -44,3 +44,16 @@ def test_benchmark_section_matches_the_result_files():
     current = README.split(BEGIN, 1)[1].split(END, 1)[0]
     assert BEGIN + current + END == readme_section(), \
         "README benchmark section is stale: run `python -m benchmarks.run_all --readme`"
+
+
+def test_benchmark_section_leads_with_the_paper_tables():
+    """The three Table-2 result files exist, and the README's benchmark section opens with their tables
+    (the numbers themselves are checked against the files by the test above)."""
+    from benchmarks.run_all import BEGIN, PAPER_TESTBEDS
+
+    section = README.split(BEGIN, 1)[1]
+    for tb in PAPER_TESTBEDS:
+        for ext in ("json", "md", "png"):
+            assert (REPO / "benchmarks" / "results" / f"paper_table_{tb}.{ext}").is_file(), (tb, ext)
+        assert f"**Table 2 on `{tb}`**" in section
+    assert section.index("**Table 2 on `digits`**") < section.index("NTRK's kernel and whitening")
