@@ -22,7 +22,7 @@ padded with *skip* items, which generate nothing.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -45,11 +45,6 @@ class Item:
     @property
     def skip(self) -> bool:
         return not self.arms
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["arms"] = list(self.arms)
-        return d
 
 
 class _Items(Dataset):
@@ -188,10 +183,6 @@ class PromptDataModule(pl.LightningDataModule):
         self.items: list[Item] = []          # what this run generates (before sharding)
         self.resume = Resume()               # what the output folder held
         self._lock: Any = None
-
-    @property
-    def num_items(self) -> int:
-        return len(self.prompts) * self.samples_per_prompt
 
     def all_items(self, arms: Sequence[str]) -> list[Item]:
         return build_items(self.prompts, self.samples_per_prompt, self.seed, arms)

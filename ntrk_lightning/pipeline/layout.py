@@ -7,9 +7,10 @@ written after its PNG, so a finished sample always has both. A sample whose fina
 finite gets no PNG and no record but a ``<stem>.failed.json`` marker, and is generated again by
 the next run.
 
-Images are sharded: ``images/<arm>/<shard>/<stem>.{png,json}``, a shard holding at most
-:data:`SHARD_PROMPTS` x :data:`SHARD_SAMPLES` samples (two files each), so that no folder grows
-past ten thousand files however large the run. Folders written before sharding (``images/<arm>/
+Images are sharded in two levels, ``images/<arm>/p<first>-<last>/s<first>-<last>/<stem>.{png,json}``:
+a prompt group of :data:`SHARD_PROMPTS` prompts, then a sample group of :data:`SHARD_SAMPLES`
+sample indices (two files per sample), so that no folder holds more than ten thousand entries up
+to 500,000 prompts and 1,000,000 samples per prompt. Folders written before sharding (``images/<arm>/
 <stem>.*``, "flat") are still read; new samples always go to the sharded layout.
 """
 
@@ -30,13 +31,15 @@ from ntrk_lightning.jsonnum import dumps_line
 from ntrk_lightning.runfiles import (FAILED, IMAGES, LOCK, METRICS, RECORD_SHARDS, RECORDS, REPORT,  # noqa: F401
                                      RUN_JSON, STATES)
 
-#: a shard folder holds the samples of this many consecutive prompts...
-SHARD_PROMPTS = 100
-#: ...times this many consecutive sample indices (PNG + record each: <= 10,000 files)
-SHARD_SAMPLES = 50
+#: a prompt-group folder holds this many consecutive prompts...
+SHARD_PROMPTS = 50
+#: ...and each of its sample-group folders this many consecutive sample indices of them (PNG +
+#: record each: <= 10,000 files)
+SHARD_SAMPLES = 100
 
 _STEM = re.compile(r"^p(\d{5,})_s(\d{5,})$")
-_SHARD = re.compile(r"^p\d{5,}-\d{5,}_s\d{5,}-\d{5,}$")
+_PROMPT_GROUP = re.compile(r"^p\d{5,}-\d{5,}$")
+_SAMPLE_GROUP = re.compile(r"^s\d{5,}-\d{5,}$")
 _ARM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 FAILED_SUFFIX = ".failed.json"
 
@@ -52,10 +55,10 @@ def key(arm: str, prompt_index: int, sample_index: int) -> str:
 
 
 def shard(prompt_index: int, sample_index: int) -> str:
-    """Name of the shard folder of a sample: ``p<first>-<last prompt>_s<first>-<last sample>``."""
+    """The shard folder of a sample below ``images/<arm>``: ``p<first>-<last>/s<first>-<last>``."""
     p0 = prompt_index // SHARD_PROMPTS * SHARD_PROMPTS
     s0 = sample_index // SHARD_SAMPLES * SHARD_SAMPLES
-    return f"p{p0:05d}-{p0 + SHARD_PROMPTS - 1:05d}_s{s0:05d}-{s0 + SHARD_SAMPLES - 1:05d}"
+    return f"p{p0:05d}-{p0 + SHARD_PROMPTS - 1:05d}/s{s0:05d}-{s0 + SHARD_SAMPLES - 1:05d}"
 
 
 def sample_dir(out: Path, arm: str, prompt_index: int, sample_index: int) -> Path:
@@ -232,19 +235,26 @@ def write_failed_jsonl(out: Path, failed: Sequence[dict[str, Any]]) -> None:
 
 # ---- reading what a folder holds (sharded and flat layouts) -------------------------------------
 
+def _subfolders(folder: Path, pattern: "re.Pattern[str]") -> tuple[list[Path], bool]:
+    """(subfolders whose name matches, whether ``folder`` itself holds sample files)."""
+    found, files = [], False
+    with os.scandir(folder) as it:
+        for entry in it:
+            if entry.is_dir() and pattern.match(entry.name):
+                found.append(folder / entry.name)
+            elif not files and entry.name.startswith("p") and entry.name.endswith(".json"):
+                files = True
+    return sorted(found), files
+
+
 def _sample_folders(out: Path, arm: str) -> list[Path]:
     """The arm's shard folders, and the arm folder itself when it holds flat (older) samples."""
     folder = out / IMAGES / arm
     if not folder.is_dir():
         return []
-    shards, flat = [], False
-    with os.scandir(folder) as it:
-        for entry in it:
-            if entry.is_dir() and _SHARD.match(entry.name):
-                shards.append(folder / entry.name)
-            elif not flat and entry.name.startswith("p") and entry.name.endswith(".json"):
-                flat = True
-    return ([folder] if flat else []) + sorted(shards)
+    groups, flat = _subfolders(folder, _PROMPT_GROUP)
+    shards = [s for g in groups for s in _subfolders(g, _SAMPLE_GROUP)[0]]
+    return ([folder] if flat else []) + shards
 
 
 def locate_records(out: Path, arms: Sequence[str]) -> dict[Key, Path]:

@@ -405,12 +405,6 @@ atexit.register(release_all)
 # Integrity of finished samples
 # ---------------------------------------------------------------------------------------------
 
-def png_identity(data: bytes) -> dict[str, Any]:
-    import hashlib
-
-    return {"png_bytes": len(data), "png_sha256": hashlib.sha256(data).hexdigest()}
-
-
 def _check_png(path: Path, rec: dict[str, Any]) -> Optional[str]:
     try:
         size = path.stat().st_size
