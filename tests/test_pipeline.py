@@ -191,3 +191,28 @@ def test_missing_output_dir_is_refused_by_the_real_command():
     proc = run_cli(["predict", "-c", "configs/digits_ntrk.yaml"], check=False, timeout=120)
     assert proc.returncode != 0 and "--output_dir" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_plan_states_uses_only_state_files_that_still_match(tmp_path):
+    """A persisted state file counts only while every sample it covers is finished with the PNG
+    checksum it was computed from, and no earlier file covers the same sample; everything else is
+    read back."""
+    from ntrk_lightning.pipeline import layout, run
+
+    finished = {("a", 0, s): {"png_sha256": f"h{s}"} for s in range(6)}
+    folder = tmp_path / layout.STATES
+    folder.mkdir()
+
+    def state(name, keys, pt=True):
+        (folder / f"{name}.json").write_text(json.dumps({"keys": {layout.key("a", 0, s): h for s, h in keys}}))
+        if pt:
+            (folder / f"{name}.pt").write_bytes(b"")
+
+    state("r1", [(0, "h0"), (1, "h1")])                # good
+    state("r2", [(1, "h1"), (2, "h2")])                # overlaps r1: left out
+    state("r3", [(3, "OTHER")])                        # computed from another PNG: left out
+    state("r4", [(4, "h4"), (9, "h9")])                # names a sample that is not finished: left out
+    state("r5", [(5, "h5")], pt=False)                 # key list without its states: left out
+    files, reread = run.plan_states(tmp_path, finished)
+    assert files == ["r1"]
+    assert reread == [("a", 0, 2), ("a", 0, 3), ("a", 0, 4), ("a", 0, 5)]
