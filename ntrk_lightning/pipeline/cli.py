@@ -89,17 +89,24 @@ class NTRKCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, TypeError, FileNotFoundError) as e:
             raise SystemExit(_config_error(e)) from None
-        if self.subcommand == "predict" and hasattr(self.datamodule, "fingerprint") and hasattr(self.model, "samplers"):
-            from functools import partial
+        if hasattr(self.datamodule, "fingerprint") and hasattr(self.model, "samplers"):
+            self._link_generation()
 
-            from ntrk_lightning.pipeline.run import model_fingerprint
+    def _link_generation(self) -> None:
+        """Hand the prompt data module what it needs from the generation module's configuration:
+        the arms (jsonargparse does not apply ``link_arguments(..., apply_on="instantiate")``
+        inside a subcommand's subclass config), the output folder where no ``--output_dir`` link
+        gave it, and the model's part of the run fingerprint, as a callable that rank 0 evaluates
+        once it holds the folder's lock (it hashes weight files)."""
+        from functools import partial
 
-            specs = _component_specs(self.config[self.subcommand]["model"])
-            # the model's arms, linked here: jsonargparse does not apply instantiation links
-            # (link_arguments(..., apply_on="instantiate")) inside a subcommand's subclass config
-            self.datamodule.arms = list(self.model.arm_names)
-            # evaluated by rank 0 only, after it holds the folder's lock (it hashes weight files)
-            self.datamodule.fingerprint = partial(model_fingerprint, self.model, specs)
+        from ntrk_lightning.pipeline.run import model_fingerprint
+
+        model_cfg = (self.config[self.subcommand] if self.subcommand else self.config)["model"]
+        self.datamodule.arms = list(self.model.arm_names)
+        if self.datamodule.output_dir is None:
+            self.datamodule.output_dir = self.model.output_dir
+        self.datamodule.fingerprint = partial(model_fingerprint, self.model, _component_specs(model_cfg))
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run; problems with the run folder or the weights found on the way (a lock held by
