@@ -111,12 +111,7 @@ def load_run(run_dir: Path) -> Run:
 # ---------------------------------------------------------------------------------------------
 
 def _values(records: Sequence[dict[str, Any]], key: str) -> list[float]:
-    out = []
-    for r in records:
-        v = r.get(key)
-        if isinstance(v, (int, float)) and math.isfinite(float(v)):
-            out.append(float(v))
-    return out
+    return [x for x in (finite_or_none(r.get(key)) for r in records) if x is not None]
 
 
 def reward_summary(values: Sequence[float]) -> dict[str, Any]:

@@ -24,15 +24,16 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from ntrk_lightning.jsonnum import finite_or_none
+
 GRID_KEY = "samples"
 
 
 def _finite(v: Any) -> Optional[float]:
+    """A loggable number (a flag counts as 0/1), or ``None``."""
     if isinstance(v, bool):
         return float(v)
-    if isinstance(v, (int, float)) and math.isfinite(float(v)):
-        return float(v)
-    return None
+    return None if isinstance(v, dict) else finite_or_none(v)
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
