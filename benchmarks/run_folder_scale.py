@@ -92,9 +92,11 @@ def build_folder(out: Path, n: int, files: bool) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(0)
     base = (torch.rand(1, 1, 16, 16, generator=g) * 255).byte()
     png = layout.png_bytes(base[0])
+    template = _record(0, 0, png)
     records = []
     for s in range(n):
-        rec = _record(0, s, png)
+        # the same record schema; built from a template when no file is written (1M builds)
+        rec = _record(0, s, png) if files else {**template, "key": layout.key(ARM, 0, s), "sample_index": s}
         if files:
             folder = layout.sample_dir(out, ARM, 0, s)
             if s % layout.SHARD_SAMPLES == 0:
@@ -213,14 +215,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default=",".join(str(s) for s in DEFAULT_SIZES))
     ap.add_argument("--full_max", type=int, default=100_000, help="largest size built with per-sample files")
     ap.add_argument("--root", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--reuse", default=None,
+                    help="JSON-lines file of rows printed by an earlier invocation, kept instead of measured again")
     args = ap.parse_args(argv)
     os.environ["NTRK_FSYNC"] = "0"  # building the folders is not what is measured
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
     root = Path(args.root or tempfile.mkdtemp(prefix="ntrk_scale_"))
-    rows = []
+    rows = [json.loads(line) for line in Path(args.reuse).read_text().splitlines()] if args.reuse else []
     for n in (int(s) for s in args.sizes.split(",")):
+        if any(r["finished"] == n for r in rows):
+            continue
         rows.append(measure(n, n <= args.full_max, root))
         print(json.dumps(rows[-1]), flush=True)
+    rows.sort(key=lambda r: r["finished"])
     _derive(rows)
     result = {"machine": machine, "target_resume_us_per_sample": TARGET_US_PER_SAMPLE, "rows": rows}
     atomic_write_json(RESULTS / "run_folder_scale.json", result)
