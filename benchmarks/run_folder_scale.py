@@ -201,13 +201,27 @@ def _markdown(rows: list[dict[str, Any]], machine: str) -> str:
              "records.jsonl. \"Before\" = reading every finished record and image back for the metrics, "
              f"as resumed runs did before metric states were persisted (timed on {OLD_PATH_SAMPLES} "
              "samples, scaled). Rows without per-sample files (1M) take list/check per sample from the "
-             "largest full row.", "", head, "|" + "---:|" * 10]
+             "largest full row.", "",
+             f"Measured on a machine shared with other jobs (load average {os.getloadavg()[0]:.1f} on "
+             f"{os.cpu_count()} cores at the end): absolute times are several times those of an idle "
+             "machine, and rows measured at different moments saw different loads.", "",
+             head, "|" + "---:|" * 10]
     for r in rows:
         lines.append(f"| {r['finished']} | {'yes' if r['per_sample_files'] else 'no'} | "
                      f"{r.get('list_us_per_sample', '–')} | {r.get('check_us_per_sample', '–')} | "
                      f"{r['plan_states_us_per_sample']} | {r['merge_states_s']:.3f} | {r['summary_s']:.3f} | "
                      f"{r['records_jsonl_s']:.3f} | {r['end_of_run_s']} | {r.get('old_end_of_run_s', '–')} |")
     return "\n".join(lines) + "\n"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="JSON-lines file of rows printed by an earlier invocation, kept instead of measured again")
     args = ap.parse_args(argv)
     os.environ["NTRK_FSYNC"] = "0"  # building the folders is not what is measured
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
+    machine = f"{_cpu_name()}, {os.cpu_count()} cores, no GPU"
     root = Path(args.root or tempfile.mkdtemp(prefix="ntrk_scale_"))
     rows = [json.loads(line) for line in Path(args.reuse).read_text().splitlines()] if args.reuse else []
     for n in (int(s) for s in args.sizes.split(",")):
@@ -229,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     rows.sort(key=lambda r: r["finished"])
     _derive(rows)
-    result = {"machine": machine, "target_resume_us_per_sample": TARGET_US_PER_SAMPLE, "rows": rows}
+    result = {"machine": machine, "load_average_at_end": os.getloadavg(),
+              "target_resume_us_per_sample": TARGET_US_PER_SAMPLE, "rows": rows}
     atomic_write_json(RESULTS / "run_folder_scale.json", result)
     atomic_write_text(RESULTS / "run_folder_scale.md", _markdown(rows, machine))
     print(_markdown(rows, machine))
