@@ -29,7 +29,6 @@ mismatch, missing weights) ends with a one-line error and exit status 2.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +41,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ntrk_lightning.fileio import read_jsonl
+from ntrk_lightning.runfiles import METRICS, RECORDS
 from rewards.base import Reward
 
-RECORDS = "records.jsonl"
-METRICS = "metrics.json"
+#: images per arm in the logged sample grid
+GRID_PER_ARM = 8
 
 
 class EvaluationError(ValueError):
@@ -321,10 +321,12 @@ class EvaluationModule(LightningModule):
         self.results: Optional[dict[str, Any]] = None
         self._errors: list[str] = []
         self._feature: Optional[nn.Module] = None
+        self._clip: Optional[nn.Module] = None
 
     # ---- set-up (before the Trainer launches: errors are one clean line) ----------------------
     def build(self, image_set: ImageSet) -> None:
-        """Validate the options against the input and create the metrics of every arm."""
+        """Validate the options against the input and load the feature network and CLIP model
+        (the metric groups follow in ``setup``, once the reference statistics are shared)."""
         import metrics as M
         from metrics.reference import check_reference_source
 
@@ -334,57 +336,36 @@ class EvaluationModule(LightningModule):
         for r in self.rewards:
             if getattr(r, "needs_prompts", False) and not image_set.has_prompts:
                 raise EvaluationError(f"reward {getattr(r, 'name', type(r).__name__)!r} needs prompts: pass --prompts FILE")
-        names: list[str] = []
+        self.reward_names = _unique_names(self.rewards)
         for r in self.rewards:
-            base = str(getattr(r, "name", "") or type(r).__name__)
-            name, k = base, 2
-            while name in names:
-                name, k = f"{base}_{k}", k + 1
-            names.append(name)
             if isinstance(r, Reward):
                 r.load()
-        self.reward_names = names
         if self.reference_source is not None:
             check_reference_source(self.reference_source)
-        feature = None
         if self.reference_source is not None or self.want_diversity:
-            feature = M.build_feature(self.feature_spec, weights_path=self.feature_weights)
-        self._feature = feature
-        clip = None
+            self._feature = M.build_feature(self.feature_spec, weights_path=self.feature_weights)
         if self.clip_model is not None:
-            clip = M.OpenCLIPScore(self.clip_model, self.clip_weights)
-        for i, _arm in enumerate(image_set.arms):
-            group = nn.ModuleDict({f"reward{j}": M.RewardStatistics() for j in range(len(names))})
-            if self.reference_source is not None:
-                group["fid"] = M.FrechetDistance(feature, cache_dir=self.cache_dir)
-            if self.want_diversity:
-                group["diversity"] = M.Diversity(feature)
-            if clip is not None:
-                # one model, one score state per arm
-                group["clip"] = clip if i == 0 else M.OpenCLIPScore(model=clip.model, tokenizer=clip.tokenizer)
-            self.arm_metrics[f"arm{i}"] = group
+            self._clip = M.OpenCLIPScore(self.clip_model, self.clip_weights)
 
     def setup(self, stage: str) -> None:
+        from metrics.group import build_groups, shared_reference_stats
+
         if self.image_set is None:  # used without main(): build from the attached data module
             self.build(self.trainer.datamodule.scan())
-        if self.reference_source is None:
-            return
-        import metrics as M
-
-        # global rank 0 fills the cache first; the others then read it
-        zero = self.trainer.is_global_zero
-        stats = M.reference_stats(self.reference_source, self._feature, cache_dir=self.cache_dir) if zero else None
-        self.trainer.strategy.barrier("ntrk-evaluate-reference")
-        if not zero:
-            stats = M.reference_stats(self.reference_source, self._feature, cache_dir=self.cache_dir)
-        for group in self.arm_metrics.values():
-            group["fid"].set_reference(stats)
+        reference = None
+        if self.reference_source is not None:
+            reference = shared_reference_stats(self.reference_source, self._feature, self.trainer.is_global_zero,
+                                               lambda: self.trainer.strategy.barrier("ntrk-evaluate-reference"),
+                                               cache_dir=self.cache_dir)
+        assert self.image_set is not None
+        self.arm_metrics = build_groups([f"arm{i}" for i in range(len(self.image_set.arms))], self.reward_names,
+                                        self._feature, reference, self.want_diversity, self._clip)
 
     def on_predict_epoch_start(self) -> None:
+        from metrics.group import reset_groups
+
         self._errors = []
-        for group in self.arm_metrics.values():
-            for m in group.values():
-                m.reset()  # ddp_spawn on CPU shares metric storage between ranks
+        reset_groups(self.arm_metrics)  # ddp_spawn on CPU shares metric storage between ranks
 
     # ---- per batch: local updates only, no collectives ----------------------------------------
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -406,34 +387,28 @@ class EvaluationModule(LightningModule):
 
     @torch.no_grad()
     def _update(self, arm: int, its: list[dict[str, Any]]) -> None:
-        from metrics.features import extract
+        from metrics.group import update_group
 
-        group = self.arm_metrics[f"arm{arm}"]
         u8 = torch.stack([it["image"] for it in its]).to(self.device)
-        x = u8.float() / 255.0
         prompts = [it["prompt"] for it in its]
         groups = torch.tensor([it["group"] for it in its], dtype=torch.long, device=self.device)
-        if self._feature is not None:
-            feats = extract(self._feature, x)  # one forward pass shared by FID and diversity
-            if "fid" in group:
-                group["fid"].update(features=feats)
-            if "diversity" in group:
-                group["diversity"].update(groups=groups, features=feats)
+        update_group(self.arm_metrics[f"arm{arm}"], u8, self._score(arm, u8, prompts), groups, prompts)
+
+    def _score(self, arm: int, u8: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+        """Reward name -> values; a reward that cannot score these images is noted (reported by
+        every rank together at the end as one line, never a traceback or a hang)."""
+        x = u8.float() / 255.0
         has_prompts = self.image_set is not None and self.image_set.has_prompts
-        for j, r in enumerate(self.rewards):
+        out = {}
+        for name, r in zip(self.reward_names, self.rewards):
             try:
-                values = r(x, prompts if has_prompts else None).detach().double()
-            except (RuntimeError, ValueError, TypeError) as e:
-                # e.g. a digits (grey) reward on RGB images: collected, reported by every rank
-                # together at the end as one line, never a traceback or a hang
+                out[name] = r(x, prompts if has_prompts else None).detach().double()
+            except (RuntimeError, ValueError, TypeError) as e:  # e.g. a digits (grey) reward on RGB images
                 arm_name = self.image_set.arms[arm] if self.image_set is not None else str(arm)
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                self._errors.append(f"reward {self.reward_names[j]!r} cannot score the images of arm {arm_name!r} "
+                self._errors.append(f"reward {name!r} cannot score the images of arm {arm_name!r} "
                                     f"(shape {tuple(u8.shape[1:])}): {reason}")
-                continue
-            group[f"reward{j}"].update(values)
-        if "clip" in group:
-            group["clip"].update(x, prompts)
+        return out
 
     # ---- end: every rank computes (collectives), rank 0 writes --------------------------------
     def on_predict_end(self) -> None:
@@ -442,73 +417,67 @@ class EvaluationModule(LightningModule):
             raise EvaluationError(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
         s = self.image_set
         assert s is not None
-        arms: dict[str, Any] = {}
-        for i, arm in enumerate(s.arms):
-            group = self.arm_metrics[f"arm{i}"]
-            res: dict[str, Any] = {"num_samples": s.counts.get(arm, 0), "rewards": {}}
-            for j, name in enumerate(self.reward_names):
-                res["rewards"][name] = group[f"reward{j}"].compute()
-            res["fid"] = _num(group["fid"].compute()) if "fid" in group else None
-            if "diversity" in group:
-                d = group["diversity"].compute()
-                res["diversity"] = _num(d["overall"])
-                res["diversity_per_group"] = {str(k): _num(v) for k, v in d["per_group"].items()}
-            else:
-                res["diversity"], res["diversity_per_group"] = None, None
-            res["clip_score"] = _num(group["clip"].compute()) if "clip" in group else None
-            arms[arm] = res
+        self.results = self._results(s)
+        if self.trainer.is_global_zero:
+            self._publish(s)
+        self.trainer.strategy.barrier("ntrk-evaluate-end")
+
+    def _results(self, s: ImageSet) -> dict[str, Any]:
         from metrics.features import feature_name
+        from metrics.group import summarize_group
         from metrics.reference import describe_source
 
-        self.results = {
+        arms: dict[str, Any] = {}
+        for i, arm in enumerate(s.arms):
+            summary = summarize_group(self.arm_metrics[f"arm{i}"], self.reward_names)
+            div = summary["diversity"]
+            # this command's output keeps diversity flat: the overall value, and per group beside it
+            arms[arm] = {"num_samples": s.counts.get(arm, 0), "rewards": summary["rewards"], "fid": summary["fid"],
+                         "diversity": div["overall"] if div else None,
+                         "diversity_per_group": div["per_group"] if div else None,
+                         "clip_score": summary["clip_score"]}
+        return {
             "images": str(s.root.resolve()), "kind": s.kind, "num_images": len(s.items),
             "reference": describe_source(self.reference_source) if self.reference_source is not None else None,
             "feature": feature_name(self._feature) if self._feature is not None else None,
             "clip_model": self.clip_model, "clip_weights": self.clip_weights,
             "world_size": self.trainer.world_size, "arms": arms,
         }
-        if self.trainer.is_global_zero:
-            from ntrk_lightning.fileio import atomic_write_json, json_safe
 
-            if self.output_dir is not None:
-                atomic_write_json(Path(self.output_dir) / METRICS, self.results)
-            if self.trainer.loggers:  # --trainer.logger: final metrics per arm and a sample grid
-                from ntrk_lightning.pipeline.loggers import log_run, montage
+    def _publish(self, s: ImageSet) -> None:
+        """Rank 0: ``metrics.json``, the loggers, and the results printed."""
+        from ntrk_lightning.fileio import atomic_write_json, json_safe
 
-                firsts = [[it.path for it in s.items if it.arm == a][:8] for a in range(len(s.arms))]
-                log_run(self.trainer.loggers, json_safe(self.results), montage(sum(firsts, []), cols=8))
-            print(json.dumps(json_safe(self.results), indent=2))
-        self.trainer.strategy.barrier("ntrk-evaluate-end")
+        if self.output_dir is not None:
+            atomic_write_json(Path(self.output_dir) / METRICS, self.results)
+        if self.trainer.loggers:  # --trainer.logger: final metrics per arm and a sample grid
+            from ntrk_lightning.pipeline.loggers import log_run, montage
+
+            firsts = [[it.path for it in s.items if it.arm == a][:GRID_PER_ARM] for a in range(len(s.arms))]
+            log_run(self.trainer.loggers, json_safe(self.results), montage(sum(firsts, []), cols=GRID_PER_ARM))
+        print(json.dumps(json_safe(self.results), indent=2))
 
     def _gather_errors(self) -> list[str]:
-        local = list(self._errors)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            got: list[Any] = [None] * world
-            torch.distributed.all_gather_object(got, local)
-            return [e for part in got for e in (part or [])]
-        return local
+        from ntrk_lightning.pipeline.distributed import all_gather_objects
+
+        return [e for part in all_gather_objects(list(self._errors)) for e in (part or [])]
 
     def teardown(self, stage: str) -> None:
-        _destroy_process_group()
+        from ntrk_lightning.pipeline.distributed import destroy_process_group
+
+        destroy_process_group()
 
 
-def _destroy_process_group(barrier: bool = True) -> None:
-    """Barrier + destroy: without it gloo processes intermittently abort at exit ("terminate called without an active exception").
-    After an error the barrier is skipped: another rank may never reach it."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        try:
-            if barrier:
-                torch.distributed.barrier()
-        finally:
-            torch.distributed.destroy_process_group()
-
-
-def _num(v: Any) -> Optional[float]:
-    if isinstance(v, Tensor):
-        v = v.item()
-    v = float(v)
-    return v if math.isfinite(v) else None
+def _unique_names(rewards: Sequence[Any]) -> list[str]:
+    """Each reward's name, made unique with a ``_2``, ``_3`` ... suffix."""
+    names: list[str] = []
+    for r in rewards:
+        base = str(getattr(r, "name", "") or type(r).__name__)
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,7 +567,9 @@ def main(argv: list[str]) -> int:
         print(f"ntrk evaluate: error: {msg}", file=sys.stderr)
         return 2
     finally:
-        _destroy_process_group(barrier=False)  # normally already done in teardown
+        from ntrk_lightning.pipeline.distributed import destroy_process_group
+
+        destroy_process_group(barrier=False)  # normally already done in teardown
 
 
 if __name__ == "__main__":  # python -m ntrk_lightning.evaluation ...

@@ -12,11 +12,12 @@ folder after it, so that after a power loss a name never points at empty or part
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
+
+from ntrk_lightning.jsonnum import plain as json_safe  # noqa: F401  (the one JSON/number helper)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -80,20 +81,6 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 def atomic_write_json(path: PathLike, obj: Any, indent: Optional[int] = 2) -> Path:
     """JSON with non-finite floats written as ``null`` (strict JSON readers reject NaN)."""
     return atomic_write_text(path, json.dumps(json_safe(obj), indent=indent) + "\n")
-
-
-def json_safe(obj: Any) -> Any:
-    """A copy of ``obj`` that strict JSON can hold: non-finite floats become ``None``, tensors and
-    numpy scalars become Python numbers, dict keys become strings."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # tensors, numpy
-        return json_safe(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def read_jsonl(path: PathLike, error: type[Exception] = ValueError) -> list[dict[str, Any]]:

@@ -13,9 +13,12 @@ arms. Writes to ``--out`` (default: the run folder when one is given, else ``./r
 * ``report_hist_<reward>.png`` — overlaid reward histograms of every arm, one per reward;
 * ``report_grid.png`` — the first N images of every arm, side by side.
 
-Reward statistics come from the records (every finished sample); image metrics from
-``metrics.json``. Every file is written atomically. Only files are read: no Lightning, no models.
-:func:`write_report` is also called by ``ntrk predict`` at the end of every run.
+Every number in the table comes from ``metrics.json`` (computed once, by the run's metrics);
+the records give the per-sample values of the histograms and the images of the grid. A run folder
+whose ``metrics.json`` lacks a number (written by an older version, or absent) gets it from its
+records instead, with a note saying so. Every file is written atomically. Only files are read: no
+Lightning, no models. :func:`write_report` is also called by ``ntrk predict``'s writer at the end
+of every run, with the run in memory (nothing read back).
 """
 
 from __future__ import annotations
@@ -34,11 +37,12 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ntrk_lightning.fileio import read_jsonl
+from ntrk_lightning.jsonnum import finite_or_none
+from ntrk_lightning.runfiles import FAILED, METRICS, RECORDS, REPORT as REPORT_MD, REPORT_JSON
 
-RECORDS = "records.jsonl"
-METRICS = "metrics.json"
-REPORT_MD = "report.md"
-REPORT_JSON = "report.json"
+#: largest histogram: bins beyond this are merged into equal-width ones
+MAX_HIST_BINS = 40
+FIG_DPI = 110
 FIG_NFE = "report_reward_vs_nfe.png"
 FIG_GRID = "report_grid.png"
 
@@ -58,6 +62,17 @@ class Run:
     records: list[dict[str, Any]]
     metrics: Optional[dict[str, Any]]
     arms: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, run_dir: Path, records: list[dict[str, Any]], metrics: Optional[dict[str, Any]]) -> "Run":
+        """A run from its records and metrics (read from files, or in memory at the end of a run)."""
+        name = str((metrics or {}).get("run") or Path(run_dir).resolve().name)
+        seen = {str(r["arm"]) for r in records}
+        arms: list[str] = [a for a in ((metrics or {}).get("arms") or {}) if a in seen]
+        for r in records:
+            if r["arm"] not in arms:
+                arms.append(str(r["arm"]))
+        return cls(Path(run_dir), name, records, metrics, arms)
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
@@ -88,12 +103,7 @@ def load_run(run_dir: Path) -> Run:
             raise ReportError(f"cannot read {met_path}: {e}") from None
         if not isinstance(metrics, dict):
             raise ReportError(f"{met_path}: expected a JSON object")
-    name = str((metrics or {}).get("run") or run_dir.resolve().name)
-    arms: list[str] = [a for a in ((metrics or {}).get("arms") or {}) if any(r["arm"] == a for r in records)]
-    for r in records:
-        if r["arm"] not in arms:
-            arms.append(str(r["arm"]))
-    return Run(run_dir, name, records, metrics, arms)
+    return Run.of(run_dir, records, metrics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,12 +111,7 @@ def load_run(run_dir: Path) -> Run:
 # ---------------------------------------------------------------------------------------------
 
 def _values(records: Sequence[dict[str, Any]], key: str) -> list[float]:
-    out = []
-    for r in records:
-        v = r.get(key)
-        if isinstance(v, (int, float)) and math.isfinite(float(v)):
-            out.append(float(v))
-    return out
+    return [x for x in (finite_or_none(r.get(key)) for r in records) if x is not None]
 
 
 def reward_summary(values: Sequence[float]) -> dict[str, Any]:
@@ -123,14 +128,6 @@ def reward_summary(values: Sequence[float]) -> dict[str, Any]:
 
 def _mean_or_none(values: Sequence[float]) -> Optional[float]:
     return float(np.mean(values)) if len(values) else None
-
-
-def _finite(v: Any) -> Optional[float]:
-    if isinstance(v, dict):  # diversity may be {"overall": x, "per_group": {...}}
-        v = v.get("overall")
-    if isinstance(v, (int, float)) and math.isfinite(float(v)):
-        return float(v)
-    return None
 
 
 def reward_definitions(run: Run, primary: str) -> dict[str, Any]:
@@ -175,13 +172,10 @@ def check_same_rewards(runs: Sequence[Run], primary: str) -> dict[str, str]:
     return labels
 
 
-def build_rows(runs: Sequence[Run]) -> tuple[list[dict[str, Any]], str, list[str]]:
-    """One row per (run, arm); the primary reward; every reward name seen."""
-    primary = None
-    for run in runs:
-        if run.metrics and run.metrics.get("primary_reward"):
-            primary = str(run.metrics["primary_reward"])
-            break
+def _reward_names(runs: Sequence[Run]) -> tuple[str, list[str]]:
+    """(primary reward, every reward name seen, primary first)."""
+    primary = next((str(r.metrics["primary_reward"]) for r in runs if r.metrics and r.metrics.get("primary_reward")),
+                   None)
     names: list[str] = []
     for run in runs:
         for r in run.records:
@@ -190,42 +184,87 @@ def build_rows(runs: Sequence[Run]) -> tuple[list[dict[str, Any]], str, list[str
                     names.append(k)
     if primary is None:
         primary = "reward" if "reward" in names else (names[0] if names else "reward")
-    names = [primary] + [n for n in names if n != primary]
+    return primary, [primary] + [n for n in names if n != primary]
+
+
+def stats_summary(stats: Any) -> Optional[dict[str, Any]]:
+    """A reward's statistics as ``metrics.json`` holds them (``metrics.RewardStatistics``) in the
+    report's form; the standard error is std / sqrt(count - 1) (std being the population std).
+    ``None`` when they are not there."""
+    if not isinstance(stats, dict) or not isinstance(stats.get("count"), int) or "mean" not in stats:
+        return None
+    n = stats["count"]
+    std = finite_or_none(stats.get("std"))
+    return {"mean": finite_or_none(stats.get("mean")), "std": std,
+            "se": std / math.sqrt(n - 1) if std is not None and n > 1 else None,
+            "min": finite_or_none(stats.get("min")), "median": finite_or_none(stats.get("q50")),
+            "max": finite_or_none(stats.get("max")), "count": n}
+
+
+def _arm_rewards(m: dict[str, Any], recs: Sequence[dict[str, Any]], names: Sequence[str]) -> tuple[dict, list[str]]:
+    """name -> statistics from ``metrics.json``; from the records (listed second) where it has none."""
+    out, fallback = {}, []
+    for n in names:
+        s = stats_summary((m.get("rewards") or {}).get(n))
+        if s is None:
+            fallback.append(n)
+            s = reward_summary([float(r["rewards"][n]) for r in recs
+                                if isinstance((r.get("rewards") or {}).get(n), (int, float))])
+        out[n] = s
+    return out, fallback
+
+
+def _per_sample(m: dict[str, Any], recs: Sequence[dict[str, Any]], key: str, field_name: str) -> Optional[float]:
+    v = m.get(key)
+    return float(v) if isinstance(v, (int, float)) else _mean_or_none(_values(recs, field_name))
+
+
+def _row(run: Run, arm: str, label: str, names: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """The table row of one arm of a run, and the rewards taken from the records."""
+    recs = [r for r in run.records if r["arm"] == arm]
+    m = ((run.metrics or {}).get("arms") or {}).get(arm) or {}
+    sampler = m.get("sampler") or next((r.get("sampler") for r in recs if r.get("sampler")), {}) or {}
+    steps = sorted({int(r["num_steps"]) for r in recs if isinstance(r.get("num_steps"), (int, float))})
+    rewards, fallback = _arm_rewards(m, recs, names)
+    seconds = _values(recs, "seconds")
+    return {
+        "label": label, "run": run.name, "run_dir": str(run.dir), "arm": arm,
+        "sampler": sampler, "sampler_name": str(sampler.get("name", arm)) if isinstance(sampler, dict) else arm,
+        "num_steps": steps[0] if len(steps) == 1 else (steps or None),
+        "num_samples": len(recs),
+        "nfe_per_sample": _per_sample(m, recs, "nfe_per_sample", "nfe"),
+        "grad_evals_per_sample": _per_sample(m, recs, "grad_evals_per_sample", "grad_evals"),
+        "seconds_per_sample": _per_sample(m, recs, "seconds_per_sample", "seconds"),
+        "seconds_total": float(sum(seconds)) if seconds else None,
+        "nan_fallbacks": int(m["nan_fallbacks"]) if isinstance(m.get("nan_fallbacks"), int)
+        else int(sum(_values(recs, "nan_fallbacks"))),
+        "num_failed": int(m.get("num_failed") or 0),
+        "rewards": rewards,
+        "fid": finite_or_none(m.get("fid")), "diversity": finite_or_none(m.get("diversity")),
+        "clip_score": finite_or_none(m.get("clip_score")),
+    }, fallback
+
+
+def build_rows(runs: Sequence[Run]) -> tuple[list[dict[str, Any]], str, list[str], list[str]]:
+    """One row per (run, arm); the primary reward; every reward name seen; notes on numbers that
+    came from the records because ``metrics.json`` lacked them."""
+    primary, names = _reward_names(runs)
     multi = len(runs) > 1
     used_labels: set[str] = set()
-    rows = []
+    rows, notes = [], []
     for run in runs:
-        arm_metrics = ((run.metrics or {}).get("arms") or {})
         for arm in run.arms:
-            recs = [r for r in run.records if r["arm"] == arm]
-            m = arm_metrics.get(arm) or {}
-            sampler = m.get("sampler") or next((r.get("sampler") for r in recs if r.get("sampler")), {}) or {}
             label = f"{run.name}/{arm}" if multi else arm
             base, k = label, 2
             while label in used_labels:
                 label, k = f"{base} ({k})", k + 1
             used_labels.add(label)
-            steps = sorted({int(r["num_steps"]) for r in recs if isinstance(r.get("num_steps"), (int, float))})
-            rewards = {n: reward_summary([float(r["rewards"][n]) for r in recs
-                                          if isinstance((r.get("rewards") or {}).get(n), (int, float))])
-                       for n in names}
-            seconds = _values(recs, "seconds")
-            rows.append({
-                "label": label, "run": run.name, "run_dir": str(run.dir), "arm": arm,
-                "sampler": sampler, "sampler_name": str(sampler.get("name", arm)) if isinstance(sampler, dict) else arm,
-                "num_steps": steps[0] if len(steps) == 1 else (steps or None),
-                "num_samples": len(recs),
-                "nfe_per_sample": _mean_or_none(_values(recs, "nfe")),
-                "grad_evals_per_sample": _mean_or_none(_values(recs, "grad_evals")),
-                "seconds_per_sample": _mean_or_none(seconds),
-                "seconds_total": float(sum(seconds)) if seconds else None,
-                "nan_fallbacks": int(sum(_values(recs, "nan_fallbacks"))),
-                "num_failed": int(m.get("num_failed") or 0),
-                "rewards": rewards,
-                "fid": _finite(m.get("fid")), "diversity": _finite(m.get("diversity")),
-                "clip_score": _finite(m.get("clip_score")),
-            })
-    return rows, primary, names
+            row, fallback = _row(run, arm, label, names)
+            rows.append(row)
+            if fallback and run.metrics is not None:
+                notes.append(f"{label}: statistics of {', '.join(fallback)} computed from {RECORDS} ({METRICS} "
+                             "has none: a run folder from an older version)")
+    return rows, primary, names, notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +275,7 @@ def _figure(w: float, h: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(w, h), dpi=110, layout="constrained")
+    fig = Figure(figsize=(w, h), dpi=FIG_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -315,8 +354,8 @@ def plot_histograms(rows: Sequence[dict[str, Any]], runs: Sequence[Run], name: s
         return False
     allv = np.concatenate([v for _, v in data])
     edges = np.histogram_bin_edges(allv, bins="auto")
-    if len(edges) > 41:
-        edges = np.linspace(allv.min(), allv.max(), 41)
+    if len(edges) > MAX_HIST_BINS + 1:
+        edges = np.linspace(allv.min(), allv.max(), MAX_HIST_BINS + 1)
     if edges[0] == edges[-1]:
         edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
     fig = _figure(7.5, 4.5)
@@ -518,29 +557,44 @@ def render_markdown(title: str, runs: Sequence[Run], rows: Sequence[dict[str, An
 # ---------------------------------------------------------------------------------------------
 
 def write_report(run_dirs: Sequence[Path], out_dir: Path, title: Optional[str] = None,
-                 grid_images: int = 16) -> Path:
-    """Write ``report.md``, ``report.json`` and the PNGs for ``run_dirs`` into ``out_dir``;
-    returns the path of ``report.md``. Raises :class:`ReportError` for a folder that is not a run."""
-    from ntrk_lightning.fileio import atomic_write_json, atomic_write_text
-
-    if not run_dirs:
+                 grid_images: int = 16, runs: Optional[Sequence[Run]] = None) -> Path:
+    """Write ``report.md``, ``report.json`` and the PNGs for ``run_dirs`` (or for ``runs`` already
+    in memory) into ``out_dir``; returns the path of ``report.md``. Raises :class:`ReportError` for
+    a folder that is not a run."""
+    if not run_dirs and not runs:
         raise ReportError("no run folders given")
-    runs = [load_run(Path(d)) for d in run_dirs]
+    runs = list(runs) if runs is not None else [load_run(Path(d)) for d in run_dirs]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, primary, names = build_rows(runs)
+    rows, primary, names, notes = build_rows(runs)
     labels = check_same_rewards(runs, primary)
     notes = [f"{run.name}: no {METRICS} in {run.dir} (FID, diversity and CLIP score not available)"
-             for run in runs if run.metrics is None]
+             for run in runs if run.metrics is None] + notes
+    notes += _run_notes(runs, rows)
+    figures, fig_notes = _figures(rows, runs, primary, names, out_dir, grid_images)
+    notes += fig_notes
+    if title is None:
+        title = f"ntrk report: {runs[0].name}" if len(runs) == 1 else "ntrk report: " + " vs ".join(r.name for r in runs)
+    return _write_outputs(out_dir, title, runs, rows, primary, names, labels, figures, notes)
+
+
+def _run_notes(runs: Sequence[Run], rows: Sequence[dict[str, Any]]) -> list[str]:
+    notes = []
     for r in rows:
         if r["num_failed"]:
             notes.append(f"{r['label']}: {r['num_failed']} sample(s) failed (non-finite final image; listed in "
-                         f"{Path(r['run_dir']) / 'failed.jsonl'}, generated again by a rerun) and are not in the table")
+                         f"{Path(r['run_dir']) / FAILED}, generated again by a rerun) and are not in the table")
     for run in runs:
         damaged = ((run.metrics or {}).get("last_run") or {}).get("damaged_regenerated")
         if damaged:
             notes.append(f"{run.name}: the last run found {damaged} damaged finished sample(s) (checksum or record "
                          "mismatch) and generated them again")
+    return notes
+
+
+def _figures(rows: Sequence[dict[str, Any]], runs: Sequence[Run], primary: str, names: Sequence[str], out_dir: Path,
+             grid_images: int) -> tuple[dict[str, Any], list[str]]:
+    notes: list[str] = []
     figures: dict[str, Any] = {}
     if plot_reward_vs_nfe(rows, primary, out_dir / FIG_NFE):
         figures["reward_vs_nfe"] = FIG_NFE
@@ -554,8 +608,13 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path, title: Optional[str] =
     notes += grid_notes
     if ok:
         figures["grid"] = FIG_GRID
-    if title is None:
-        title = f"ntrk report: {runs[0].name}" if len(runs) == 1 else "ntrk report: " + " vs ".join(r.name for r in runs)
+    return figures, notes
+
+
+def _write_outputs(out_dir: Path, title: str, runs: Sequence[Run], rows: Sequence[dict[str, Any]], primary: str,
+                   names: Sequence[str], labels: dict[str, str], figures: dict[str, Any], notes: list[str]) -> Path:
+    from ntrk_lightning.fileio import atomic_write_json, atomic_write_text
+
     data = {"title": title, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "runs": [{"name": r.name, "dir": str(r.dir), "arms": r.arms, "num_records": len(r.records),
                       "has_metrics": r.metrics is not None} for r in runs],

@@ -4,7 +4,8 @@
 
 POINT: ``png:N`` (after the N-th PNG is renamed into place, before its record), ``half:N``
 (halfway through writing the N-th PNG's temporary file), ``records`` (after records.jsonl is
-written, before metrics.json), ``identity`` (after the lock is taken and run.json written,
+written, before metrics.json), ``states`` (after the metric states of the run are saved, before
+the key list that makes them count), ``identity`` (after the lock is taken and run.json written,
 before anything is generated). Exits 3 if the point was never reached.
 """
 
@@ -55,6 +56,17 @@ def install(point: str) -> None:
             _die()
 
         layout.write_records_jsonl = records_then_die
+    elif kind == "states":
+        from ntrk_lightning.pipeline import writer
+
+        orig_json = writer.atomic_write_json
+
+        def json_or_die(path, obj, **kw):
+            if Path(path).parent.name == layout.STATES:
+                _die()
+            return orig_json(path, obj, **kw)
+
+        writer.atomic_write_json = json_or_die
     elif kind == "identity":
         orig_identity = run.check_identity
 

@@ -89,6 +89,33 @@ def assert_metrics_close(a: dict, b: dict, rtol: float = 1e-6, atol: float = 1e-
         assert a == b, f"{path}: {a!r} vs {b!r}"
 
 
+def sample_path(out: Path, key: str, suffix: str = ".png") -> Path:
+    """The file of a sample (``arm/pXXXXX_sXXXXX``) in the run folder's layout."""
+    from ntrk_lightning.pipeline import layout
+
+    arm, stem = key.split("/")
+    p, s = (int(x[1:]) for x in stem.split("_"))
+    return layout.image_path(out, arm, p, s).with_suffix(suffix)
+
+
+def flatten_run(out: Path) -> None:
+    """Turn a run folder into the layout from before sharding and persisted metric states:
+    ``images/<arm>/<stem>.{png,json}`` (what older versions wrote)."""
+    import shutil
+
+    for arm_dir in (out / "images").iterdir():
+        for shard in [d for d in arm_dir.iterdir() if d.is_dir()]:
+            for f in shard.iterdir():
+                f.rename(arm_dir / f.name)
+            shard.rmdir()
+        for rec_path in arm_dir.glob("*.json"):
+            rec = json.loads(rec_path.read_text())
+            rec["image"] = f"images/{arm_dir.name}/{rec_path.stem}.png"
+            rec_path.write_text(json.dumps(rec) + "\n")
+    for folder in ("metric_states", "records"):
+        shutil.rmtree(out / folder, ignore_errors=True)
+
+
 def expected_keys(arms: Sequence[str], n: int, prompts: int = 1) -> set[str]:
     return {f"{a}/p{p:05d}_s{s:05d}" for a in arms for p in range(prompts) for s in range(n)}
 

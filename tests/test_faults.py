@@ -33,7 +33,7 @@ from PIL import Image
 
 from ntrk_lightning.pipeline import layout, run
 from pipeline_utils import (REPO, assert_metrics_close, cli_env, expected_keys, metrics, predict_args, records,
-                            run_in_process, wait_for)
+                            run_in_process, sample_path, wait_for)
 
 N = 4  # samples per arm: 2 batches of 2
 FAST = ["--data.init_args.samples_per_prompt", str(N), "--data.init_args.batch_size", "2",
@@ -143,14 +143,14 @@ def test_old_folder_without_fingerprint_is_adopted(reference, tmp_path):
         rec = json.loads(rec_path.read_text())
         rec.pop("png_sha256"), rec.pop("png_bytes")
         rec_path.write_text(json.dumps(rec))
-    bad = out / "images" / "plain" / "p00000_s00002.png"
+    bad = sample_path(out, "plain/p00000_s00002")
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)  # no checksum to compare: must not decode
     run_in_process(fast_args(out))
     m = metrics(out)
     assert m["last_run"]["identity"] == "adopted"
     assert m["last_run"]["generated_this_run"] == 1 and m["last_run"]["damaged_regenerated"] == 1
     assert json.loads((out / run.RUN_JSON).read_text())["fingerprint"]["seed"] == 0
-    assert bad.read_bytes() == (reference / "images" / "plain" / "p00000_s00002.png").read_bytes()
+    assert bad.read_bytes() == sample_path(reference, "plain/p00000_s00002").read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +245,7 @@ def test_concurrent_real_run_is_refused_then_sigkill_and_rerun_completes(referen
     "png:3",      # the 3rd PNG is on disk, its record is not
     "half:5",     # halfway through writing the 5th PNG's temporary file
     "records",    # records.jsonl rewritten, metrics.json not yet
+    "states",     # metric states saved, their key list (what makes them count) not yet
     "identity",   # locked, run.json written, nothing generated
 ])
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(reference, tmp_path, point):
@@ -265,12 +266,12 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(reference, tmp_path, poi
 def test_damaged_finished_samples_are_regenerated_and_counted(reference, tmp_path):
     out = copy_of(reference, tmp_path)
     img = out / "images"
-    (img / "ntrk" / "p00000_s00001.png").write_bytes(os.urandom(300))            # garbage PNG
-    (img / "ntrk" / "p00000_s00003.png").write_bytes(b"")                        # power loss: empty
-    rec = img / "plain" / "p00000_s00003.json"
+    sample_path(out, "ntrk/p00000_s00001").write_bytes(os.urandom(300))          # garbage PNG
+    sample_path(out, "ntrk/p00000_s00003").write_bytes(b"")                      # power loss: empty
+    rec = sample_path(out, "plain/p00000_s00003", ".json")
     rec.write_text(rec.read_text()[:40])                                         # truncated record
-    (img / "plain" / "p00000_s00002.png").unlink()                               # record without PNG
-    png = img / "ntrk" / "p00000_s00002.png"                                     # one flipped byte
+    sample_path(out, "plain/p00000_s00002").unlink()                             # record without PNG
+    png = sample_path(out, "ntrk/p00000_s00002")                                 # one flipped byte
     data = bytearray(png.read_bytes())
     data[len(data) // 2] ^= 0xFF
     png.write_bytes(bytes(data))
@@ -308,7 +309,7 @@ def test_some_non_finite_samples_are_failed_not_finished(tmp_path):
     assert fkeys | dkeys == expected_keys(ARMS, N) and not fkeys & dkeys
     for f in failed:
         assert f["failed"] == "non-finite final image" and f["nan_values"] > 0
-        assert not (out / "images" / f"{f['key']}.png").exists()  # no black stand-in
+        assert not sample_path(out, f["key"]).exists()  # no black stand-in
     for r in done:
         assert r["rewards"]["reward"] is not None
         assert Image.open(out / r["image"]).getextrema() != (0, 0)
@@ -348,7 +349,7 @@ def test_infinite_gamma_is_not_written_as_black_images(tmp_path, capsys):
     out = tmp_path / "run"
     refused(fast_args(out, ["--model.init_args.samplers.ntrk.init_args.gamma", ".inf",
                             "--data.init_args.samples_per_prompt", "2"]), capsys)
-    assert not list((out / "images" / "ntrk").glob("*.png")) if (out / "images").exists() else True
+    assert not list((out / "images" / "ntrk").rglob("*.png")) if (out / "images").exists() else True
 
 
 @pytest.mark.slow

@@ -421,3 +421,87 @@ def test_frechet_distance_closed_forms():
     assert float(M.frechet_distance(mu, cov, mu + d, cov)) == pytest.approx(float(d @ d), rel=1e-9)
     assert float(M.frechet_distance(mu, cov, mu, 4 * cov)) == pytest.approx(float(cov.trace()), rel=1e-9)
     assert float(M.frechet_distance(mu, cov, mu, cov)) == pytest.approx(0.0, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric groups (one builder for predict and evaluate) and their persisted states
+# ---------------------------------------------------------------------------------------------
+
+def _group(digit_features, reference):
+    from metrics.group import build_groups
+
+    return build_groups(["a"], ["reward", "judge"], digit_features, reference, diversity=True)["a"]
+
+
+def test_group_runs_the_feature_network_once_per_batch(digits16, digit_features):
+    from metrics.group import summarize_group, update_group
+
+    calls = []
+    handle = digit_features.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        stats = M.ReferenceStats.from_features(M.features.extract(digit_features, digits16[:200]),
+                                               M.feature_identity(digit_features))
+        calls.clear()
+        group = _group(digit_features, stats)
+        u8 = (digits16[300:340] * 255).round().byte()
+        update_group(group, u8, {"reward": torch.arange(40.0), "judge": torch.ones(40)}, torch.arange(40) % 2)
+        assert len(calls) == 1  # FID and diversity share one forward pass
+    finally:
+        handle.remove()
+    s = summarize_group(group, ["reward", "judge"])
+    assert set(s) == {"rewards", "fid", "diversity", "clip_score"} and s["clip_score"] is None
+    assert s["rewards"]["reward"]["mean"] == pytest.approx(19.5) and s["rewards"]["judge"]["count"] == 40
+    assert s["fid"] > 0 and set(s["diversity"]["per_group"]) == {"0", "1"}
+    # the same numbers as the metrics fed separately
+    fid, div = M.FrechetDistance(digit_features, reference=stats), M.Diversity(digit_features)
+    fid.update(u8)
+    div.update(u8, torch.arange(40) % 2)
+    assert s["fid"] == pytest.approx(float(fid.compute()), rel=1e-12)
+    assert s["diversity"]["overall"] == pytest.approx(div.compute()["overall"], rel=1e-12)
+
+
+def test_saved_group_states_merge_to_the_whole_set(digits16, digit_features, tmp_path):
+    """Persisted states of one part plus live updates of the rest give the numbers of feeding the
+    whole set at once (what a resumed run relies on instead of reading images back)."""
+    from metrics.group import group_states, merge_group_states, summarize_group, update_group
+
+    stats = M.ReferenceStats.from_features(M.features.extract(digit_features, digits16[:200]),
+                                           M.feature_identity(digit_features))
+    u8 = (digits16[400:460] * 255).round().byte()
+    rewards = torch.randn(60, generator=torch.Generator().manual_seed(3))
+    groups = torch.arange(60) % 3
+
+    def feed(group, lo, hi):
+        update_group(group, u8[lo:hi], {"reward": rewards[lo:hi], "judge": -rewards[lo:hi]}, groups[lo:hi])
+
+    whole = _group(digit_features, stats)
+    feed(whole, 0, 60)
+    first = _group(digit_features, stats)
+    feed(first, 0, 35)
+    torch.save(group_states(first), tmp_path / "s.pt")
+    resumed = _group(digit_features, stats)
+    feed(resumed, 35, 60)
+    merge_group_states(resumed, torch.load(tmp_path / "s.pt", weights_only=True))
+    a, b = summarize_group(whole, ["reward", "judge"]), summarize_group(resumed, ["reward", "judge"])
+    assert a["rewards"] == b["rewards"]  # statistics of sorted values: bit-identical
+    # features are float32 network outputs; other batch compositions move them by ~1e-7
+    assert b["fid"] == pytest.approx(a["fid"], rel=1e-6)
+    assert b["diversity"]["overall"] == pytest.approx(a["diversity"]["overall"], rel=1e-6)
+    assert b["diversity"]["per_group"].keys() == a["diversity"]["per_group"].keys()
+    for k, v in a["diversity"]["per_group"].items():
+        assert b["diversity"]["per_group"][k] == pytest.approx(v, rel=1e-6)
+
+
+def test_fid_is_a_thin_metric_over_the_pure_distance(digits16, digit_features):
+    """FrechetDistance.compute is frechet_distance of the Gaussian fit of what it was fed."""
+    from torchmetrics import Metric
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    stats = M.ReferenceStats.from_features(M.features.extract(digit_features, digits16[:300]),
+                                           M.feature_identity(digit_features))
+    fid = M.FrechetDistance(digit_features, reference=stats)
+    assert isinstance(fid, Metric) and not isinstance(fid, FrechetInceptionDistance)
+    f = M.features.extract(digit_features, digits16[600:800])
+    fid.update(features=f)
+    mu, cov = f.mean(0), torch.cov(f.T)
+    assert float(fid.compute()) == pytest.approx(float(M.frechet_distance(mu, cov, stats.mean, stats.cov)), rel=1e-9)

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from ntrk_lightning.noise import derive_seed
-from pipeline_utils import (REPO, assert_metrics_close, cli_env, expected_keys, images_by_key, metrics,
-                            predict_args, records, run_cli, run_in_process, wait_for)
+from pipeline_utils import (REPO, assert_metrics_close, cli_env, expected_keys, flatten_run, images_by_key, metrics,
+                            predict_args, records, run_cli, run_in_process, sample_path, wait_for)
 
 N = 10  # samples per arm in the small main job (pipeline_utils.SMALL)
 
@@ -62,9 +62,9 @@ def test_rerun_skips_finished_samples_and_fills_gaps(small_run, tmp_path):
     # a "killed" run: some samples never finished, one PNG without its record, a stale temp file
     gone = ["ntrk/p00000_s00003", "ntrk/p00000_s00007", "plain/p00000_s00000"]
     for k in gone:
-        (out / "images" / f"{k}.json").unlink()
-    (out / "images" / "plain" / "p00000_s00000.png").unlink()
-    (out / "images" / "ntrk" / ".p00000_s00009.png.x.tmp").write_bytes(b"partial")
+        sample_path(out, k, ".json").unlink()
+    sample_path(out, "plain/p00000_s00000").unlink()
+    (sample_path(out, "ntrk/p00000_s00009").parent / ".p00000_s00009.png.x.tmp").write_bytes(b"partial")
     (out / "records.jsonl").unlink()
     (out / "metrics.json").unlink()
     kept = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.json")}
@@ -78,6 +78,55 @@ def test_rerun_skips_finished_samples_and_fills_gaps(small_run, tmp_path):
     assert not list(out.rglob("*.tmp"))
     # regenerated samples ran in other batch compositions: float noise of ~1e-5 in their rewards
     assert_metrics_close(metrics(out), metrics_before, rtol=1e-3, atol=1e-3)
+
+
+def _no_image_reads(monkeypatch):
+    from ntrk_lightning.pipeline import layout
+
+    def refuse(path):
+        raise AssertionError(f"a finished image was read back: {path}")
+
+    monkeypatch.setattr(layout, "read_image_u8", refuse)
+
+
+def test_resume_takes_finished_samples_from_persisted_states_not_images(small_run, tmp_path, monkeypatch):
+    """An extended rerun reads no finished image back (their metric states are persisted), and
+    its metrics equal those of one uninterrupted run of the whole set."""
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)
+    _no_image_reads(monkeypatch)
+    run_in_process(predict_args(out, ["--data.init_args.samples_per_prompt", str(N + 2)]))
+    m = metrics(out)
+    assert m["last_run"]["generated_this_run"] == 4 and m["arms"]["ntrk"]["num_samples"] == N + 2
+    monkeypatch.undo()
+    whole = tmp_path / "whole"
+    run_in_process(predict_args(whole, ["--data.init_args.samples_per_prompt", str(N + 2),
+                                        "--model.init_args.report", "false"]))
+    assert_metrics_close(m["arms"], metrics(whole)["arms"], rtol=1e-3, atol=1e-3)
+
+
+def test_flat_folder_of_an_older_version_is_read_and_extended_sharded(small_run, tmp_path, monkeypatch):
+    """A run folder from before sharding (flat images, no persisted states): its samples are kept
+    and read back once for the metrics, new samples go to shard folders, and the next rerun reads
+    no image back."""
+    from ntrk_lightning.pipeline import layout
+
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)
+    flatten_run(out)
+    flat = {p: p.stat().st_mtime_ns for p in (out / "images").glob("*/*.png")}
+    assert len(flat) == 2 * N
+    run_in_process(predict_args(out, ["--data.init_args.samples_per_prompt", str(N + 1)]))
+    m = metrics(out)
+    assert m["last_run"]["generated_this_run"] == 2 and m["arms"]["plain"]["num_samples"] == N + 1
+    assert all(p.stat().st_mtime_ns == t for p, t in flat.items())
+    assert layout.image_path(out, "ntrk", 0, N).is_file()  # the new sample: sharded
+    images = {r["key"]: r["image"] for r in records(out)}
+    assert images["ntrk/p00000_s00000"] == "images/ntrk/p00000_s00000.png"  # where it still is
+    assert all((out / path).is_file() for path in images.values())
+    _no_image_reads(monkeypatch)
+    run_in_process(predict_args(out, ["--data.init_args.samples_per_prompt", str(N + 1)]))
+    assert_metrics_close(metrics(out)["arms"], m["arms"], rtol=1e-9, atol=1e-9)
 
 
 def test_independent_of_batch_size(small_run, tmp_path):
@@ -142,3 +191,28 @@ def test_missing_output_dir_is_refused_by_the_real_command():
     proc = run_cli(["predict", "-c", "configs/digits_ntrk.yaml"], check=False, timeout=120)
     assert proc.returncode != 0 and "--output_dir" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_plan_states_uses_only_state_files_that_still_match(tmp_path):
+    """A persisted state file counts only while every sample it covers is finished with the PNG
+    checksum it was computed from, and no earlier file covers the same sample; everything else is
+    read back."""
+    from ntrk_lightning.pipeline import layout, run
+
+    finished = {("a", 0, s): {"png_sha256": f"h{s}"} for s in range(6)}
+    folder = tmp_path / layout.STATES
+    folder.mkdir()
+
+    def state(name, keys, pt=True):
+        (folder / f"{name}.json").write_text(json.dumps({"keys": {layout.key("a", 0, s): h for s, h in keys}}))
+        if pt:
+            (folder / f"{name}.pt").write_bytes(b"")
+
+    state("r1", [(0, "h0"), (1, "h1")])                # good
+    state("r2", [(1, "h1"), (2, "h2")])                # overlaps r1: left out
+    state("r3", [(3, "OTHER")])                        # computed from another PNG: left out
+    state("r4", [(4, "h4"), (9, "h9")])                # names a sample that is not finished: left out
+    state("r5", [(5, "h5")], pt=False)                 # key list without its states: left out
+    files, reread = run.plan_states(tmp_path, finished)
+    assert files == ["r1"]
+    assert reread == [("a", 0, 2), ("a", 0, 3), ("a", 0, 4), ("a", 0, 5)]

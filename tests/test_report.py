@@ -131,3 +131,25 @@ def test_not_a_run_folder_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(ReportError, match="holds no records"):
         write_report([broken], tmp_path / "r")
     assert not (tmp_path / "r" / "report.md").exists()
+
+
+def test_numbers_come_from_metrics_json_with_a_fallback_to_records(tmp_path):
+    """The table takes reward statistics from metrics.json (the run's metrics computed them once);
+    a reward metrics.json lacks (an older folder) is computed from the records, with a note."""
+    run = make_run(tmp_path, "r", {"plain": {"sampler": {"name": "plain"}, "nfe": 25}}, num_prompts=1,
+                   samples_per_prompt=6)
+    m = json.loads((run / "metrics.json").read_text())
+    m["arms"]["plain"]["rewards"] = {"reward": {"mean": 123.0, "std": 2.0, "min": 1.0, "max": 200.0, "q50": 120.0,
+                                                "count": 5}}
+    m["arms"]["plain"]["nfe_per_sample"] = 77.0
+    (run / "metrics.json").write_text(json.dumps(m))
+    write_report([run], tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    row = data["rows"][0]
+    assert row["rewards"]["reward"] == {"mean": 123.0, "std": 2.0, "se": pytest.approx(2.0 / 2.0), "min": 1.0,
+                                        "median": 120.0, "max": 200.0, "count": 5}
+    assert row["nfe_per_sample"] == 77.0
+    judge = [r["rewards"]["judge"] for r in _records(run)]
+    assert row["rewards"]["judge"]["mean"] == pytest.approx(np.mean(judge), rel=1e-12)
+    assert any("judge computed from records.jsonl" in n for n in data["notes"])
+    assert not any("reward," in n or "of reward" in n for n in data["notes"])

@@ -100,5 +100,5 @@ def test_installed_wheel_runs_the_main_job_by_name(installed):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["arms"]) == {"ntrk", "plain"}
     assert all(a["num_samples"] == 4 and a["nfe_per_sample"] == 5 for a in metrics["arms"].values())
-    assert len(list((out / "images" / "ntrk").glob("*.png"))) == 4 and (out / "report.md").is_file()
+    assert len(list((out / "images" / "ntrk").rglob("*.png"))) == 4 and (out / "report.md").is_file()
     assert proc.stdout.rstrip().splitlines()[-1] == f"report: {out / 'report.md'}"

@@ -41,8 +41,11 @@ class NTRKCLI(LightningCLI):
         parser.add_argument("--output_dir", type=Optional[str], default=None,
                             help="predict: folder for images, records.jsonl, metrics.json, report.md and "
                                  "config.yaml (a rerun skips what it holds)")
-        if "return_predictions" in {a.dest for a in parser._actions}:
+        if "return_predictions" in {a.dest for a in parser._actions}:  # predict
             parser.set_defaults(return_predictions=False)
+            # the data module learns the run folder from the configuration (and the arms and the
+            # fingerprint from the CLI, in instantiate_classes), never from the model object
+            parser.link_arguments("output_dir", "data.init_args.output_dir", apply_on="parse")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse; a parse error is one line (jsonargparse prints the usage screen and a nested
@@ -69,6 +72,9 @@ class NTRKCLI(LightningCLI):
                 raise SystemExit("ntrk: error: --output_dir is empty: give a folder (use . for the current one)")
             if init is not None and "output_dir" in init:
                 init["output_dir"] = out
+            data_init = cfg["data"].get("init_args") if hasattr(cfg.get("data"), "get") else None
+            if data_init is not None and "output_dir" in data_init:
+                data_init["output_dir"] = out  # given as the model's option rather than --output_dir
             cfg["trainer"]["default_root_dir"] = out
             if cfg["trainer"].get("inference_mode", False):
                 self.parser.error("trainer.inference_mode must be false for predict: reward guidance needs "
@@ -83,8 +89,24 @@ class NTRKCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, TypeError, FileNotFoundError) as e:
             raise SystemExit(_config_error(e)) from None
-        if self.subcommand == "predict" and hasattr(self.model, "component_specs"):
-            self.model.component_specs = _component_specs(self.config[self.subcommand]["model"])
+        if hasattr(self.datamodule, "fingerprint") and hasattr(self.model, "samplers"):
+            self._link_generation()
+
+    def _link_generation(self) -> None:
+        """Hand the prompt data module what it needs from the generation module's configuration:
+        the arms (jsonargparse does not apply ``link_arguments(..., apply_on="instantiate")``
+        inside a subcommand's subclass config), the output folder where no ``--output_dir`` link
+        gave it, and the model's part of the run fingerprint, as a callable that rank 0 evaluates
+        once it holds the folder's lock (it hashes weight files)."""
+        from functools import partial
+
+        from ntrk_lightning.pipeline.run import model_fingerprint
+
+        model_cfg = (self.config[self.subcommand] if self.subcommand else self.config)["model"]
+        self.datamodule.arms = list(self.model.arm_names)
+        if self.datamodule.output_dir is None:
+            self.datamodule.output_dir = self.model.output_dir
+        self.datamodule.fingerprint = partial(model_fingerprint, self.model, _component_specs(model_cfg))
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run; problems with the run folder or the weights found on the way (a lock held by

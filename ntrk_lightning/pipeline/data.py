@@ -4,10 +4,15 @@ An item is one requested sample: (prompt index, prompt, sample index, seed). Its
 from (run seed, prompt index, sample index) alone, so an image does not depend on the batch it
 was drawn in, on the number of processes, or on what an earlier, interrupted run had finished.
 
+The arms and the output folder come from the CLI (``ntrk predict`` links them from the
+generation module's configuration, :mod:`.cli`), and so does the run's fingerprint (a callable,
+evaluated by rank 0 only): the data module never looks at the model.
+
 Resumption: before sharding and before any rank loads a model, rank 0 takes the folder's lock,
-checks the run's identity against ``run.json`` and verifies what the output folder already holds
-(:mod:`.run`); every rank receives the outcome (one broadcast in ``setup``: the finished samples,
-or the one-line error every rank then raises). An item is served with the arms it still lacks,
+checks the run's identity against ``run.json``, verifies what the output folder already holds
+and plans how the finished samples reach the metrics (:mod:`.run`); every rank receives the
+outcome (one broadcast in ``setup``: a :class:`Resume`, or the one-line error every rank then
+raises). An item is served with the arms it still lacks,
 and dropped when it lacks none. Lightning then shards the remaining items over the ranks with
 ``UnrepeatedDistributedSamplerWrapper`` (rank r gets items r, r+W, ...: no padding, no duplicates).
 Because every rank must get at least one item, a run with fewer remaining items than ranks is
@@ -17,9 +22,9 @@ padded with *skip* items, which generate nothing.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
@@ -40,11 +45,6 @@ class Item:
     @property
     def skip(self) -> bool:
         return not self.arms
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["arms"] = list(self.arms)
-        return d
 
 
 class _Items(Dataset):
@@ -110,6 +110,28 @@ def pad_for_ranks(items: list[Item], world_size: int) -> list[Item]:
     return items + [Item(-1, "", -1, 0, ()) for _ in range(missing)]
 
 
+@dataclass
+class Resume:
+    """What rank 0 found in the output folder, shared with every rank by one broadcast.
+
+    ``records`` (finished key -> verified record) is kept on rank 0 only: the other ranks need
+    the keys (in ``reread``/``state_files`` plans), not the records."""
+
+    finished: list[layout.Key] = field(default_factory=list)
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    identity: Optional[str] = None
+    #: persisted metric states covering finished samples (file stems under ``metric_states/``)
+    state_files: list[str] = field(default_factory=list)
+    #: finished samples no state file covers: read back from disk once, then persisted
+    reread: list[layout.Key] = field(default_factory=list)
+    records: dict[layout.Key, dict[str, Any]] = field(default_factory=dict)
+    error: Optional[str] = None
+
+    def shared(self) -> "Resume":
+        """The part every rank receives (no records)."""
+        return Resume(self.finished, self.problems, self.identity, self.state_files, self.reread, {}, self.error)
+
+
 class PromptDataModule(pl.LightningDataModule):
     """Prompts x samples per prompt, minus what the output folder already holds.
 
@@ -121,11 +143,16 @@ class PromptDataModule(pl.LightningDataModule):
         batch_size: items per ``predict_step`` (SMC/best-of-N/SVDD multiply the rows inside).
         seed: the run seed from which every sample's seed is derived.
         max_prompts: use only the first ``max_prompts`` prompts (quick trials of a long list).
+        arms: the arm names (linked from the model's ``samplers`` by ``ntrk predict``).
+        output_dir: the run folder (linked from ``--output_dir``); ``None``: nothing is resumed.
+        fingerprint: callable giving the model's part of the run identity (set by the CLI);
+            ``None``: no identity check.
     """
 
     def __init__(self, prompts: Optional[list[str]] = None, prompts_file: Optional[str] = None,
                  samples_per_prompt: int = 16, batch_size: int = 16, seed: int = 0,
-                 max_prompts: Optional[int] = None, num_workers: int = 0) -> None:
+                 max_prompts: Optional[int] = None, num_workers: int = 0, arms: Optional[list[str]] = None,
+                 output_dir: Optional[str] = None) -> None:
         super().__init__()
         if prompts is not None and prompts_file is not None:
             raise ValueError("give prompts or prompts_file, not both")
@@ -149,58 +176,58 @@ class PromptDataModule(pl.LightningDataModule):
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.num_workers = int(num_workers)
+        self.arms = list(arms) if arms else ["sample"]
+        self.output_dir = output_dir
+        #: the model's part of the run fingerprint, as a callable (set by the CLI)
+        self.fingerprint: Optional[Callable[[], dict[str, Any]]] = None
         self.items: list[Item] = []          # what this run generates (before sharding)
-        self.finished: set[tuple[str, int, int]] = set()  # (arm, prompt, sample) found on disk
-        self.problems: list[dict[str, Any]] = []  # damaged samples found (and removed) on disk
-        self.identity: Optional[str] = None  # "new", "same", "extended" or "adopted"
+        self.resume = Resume()               # what the output folder held
         self._lock: Any = None
-
-    @property
-    def num_items(self) -> int:
-        return len(self.prompts) * self.samples_per_prompt
 
     def all_items(self, arms: Sequence[str]) -> list[Item]:
         return build_items(self.prompts, self.samples_per_prompt, self.seed, arms)
 
     def setup(self, stage: Optional[str] = None) -> None:
         trainer = self.trainer
-        module = trainer.lightning_module if trainer is not None else None
-        arms = list(getattr(module, "arm_names", ["sample"]))
-        out = getattr(module, "output_dir", None)
-        requested = self.all_items(arms)
-        keys = {(a, it.prompt_index, it.sample_index) for it in requested for a in arms}
-        outcome: dict[str, Any] = {"finished": [], "problems": [], "identity": None, "error": None}
-        if trainer is None or trainer.is_global_zero:
-            if out is not None:
-                try:
-                    outcome = self._prepare_folder(Path(out), module, arms, keys)
-                except (run.RunFolderError, OSError, ValueError) as e:
-                    self.release_lock()
-                    outcome["error"] = str(e).strip().splitlines()[0] or type(e).__name__
+        requested = self.all_items(self.arms)
+        outcome = Resume()
+        if (trainer is None or trainer.is_global_zero) and self.output_dir is not None:
+            keys = {(a, it.prompt_index, it.sample_index) for it in requested for a in self.arms}
+            try:
+                outcome = self._prepare_folder(Path(self.output_dir), keys)
+            except (run.RunFolderError, OSError, ValueError) as e:
+                self.release_lock()
+                outcome.error = str(e).strip().splitlines()[0] or type(e).__name__
+        shared = outcome.shared()
         if trainer is not None and trainer.world_size > 1:
-            outcome = trainer.strategy.broadcast(outcome, src=0)
-        if outcome["error"]:
-            raise run.RunFolderError(outcome["error"])  # every rank: no one waits for the others
-        self.finished = {tuple(k) for k in outcome["finished"]}  # type: ignore[misc]
-        self.problems = list(outcome["problems"])
-        self.identity = outcome["identity"]
-        self.items = pending_items(requested, self.finished)
+            shared = trainer.strategy.broadcast(shared, src=0)
+        if shared.error:
+            raise run.RunFolderError(shared.error)  # every rank: no one waits for the others
+        shared.records = outcome.records  # rank 0's
+        self.resume = shared
+        self.items = pending_items(requested, {tuple(k) for k in shared.finished})  # type: ignore[misc]
         world = trainer.world_size if trainer is not None else 1
         self.items = pad_for_ranks(self.items, world)
 
-    def _prepare_folder(self, out: Path, module: Any, arms: list[str],
-                        keys: set[tuple[str, int, int]]) -> dict[str, Any]:
-        """Rank 0, before any rank writes or loads a model: lock, identity, integrity."""
+    def _prepare_folder(self, out: Path, keys: set[layout.Key]) -> Resume:
+        """Rank 0, before any rank writes or loads a model: lock, identity, integrity, plan."""
         self._lock = run.RunLock(out)
         self._lock.acquire()
         identity = None
-        if hasattr(module, "samplers"):
-            identity = run.check_identity(out, run.fingerprint(module, self.prompts, self.seed))
-        layout.remove_stale_temporaries(out, arms)
+        if self.fingerprint is not None:
+            fp = {**self.fingerprint(), "seed": self.seed, "prompts": list(self.prompts)}
+            identity = run.check_identity(out, fp)
+        layout.remove_stale_temporaries(out, self.arms)
         # files of other prompt lists/sizes are not ours: only the requested keys are checked
-        finished, problems = run.verify_finished(out, arms, keys, self.prompts)
-        layout.remove_failed(out, arms, keys - finished)  # generated again now
-        return {"finished": sorted(finished), "problems": problems, "identity": identity, "error": None}
+        records, problems = run.verify_finished(out, self.arms, keys, self.prompts)
+        layout.remove_failed(out, self.arms, keys - set(records))  # generated again now
+        state_files, reread = run.plan_states(out, records)
+        return Resume(sorted(records), problems, identity, state_files, reread, records)
+
+    @property
+    def generated_this_run(self) -> int:
+        """Samples this run generates (every arm an item still lacks)."""
+        return sum(len(it.arms) for it in self.items)
 
     def release_lock(self) -> None:
         if self._lock is not None:

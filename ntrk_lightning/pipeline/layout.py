@@ -1,4 +1,4 @@
-"""Where a run's files live and how they are written (see docs/run_format.md).
+"""Where a run's files live, what a record holds, and how both are written (docs/run_format.md).
 
 Every file is written to a temporary name in the same folder and renamed into place, so readers
 (and a rerun after a kill) only ever see complete files. A sample counts as finished when its
@@ -6,27 +6,44 @@ JSON record exists and checks out against its PNG (size and sha256, :mod:`.run`)
 written after its PNG, so a finished sample always has both. A sample whose final image is not
 finite gets no PNG and no record but a ``<stem>.failed.json`` marker, and is generated again by
 the next run.
+
+Images are sharded in two levels, ``images/<arm>/p<first>-<last>/s<first>-<last>/<stem>.{png,json}``:
+a prompt group of :data:`SHARD_PROMPTS` prompts, then a sample group of :data:`SHARD_SAMPLES`
+sample indices (two files per sample), so that no folder holds more than ten thousand entries up
+to 500,000 prompts and 1,000,000 samples per prompt. Folders written before sharding (``images/<arm>/
+<stem>.*``, "flat") are still read; new samples always go to the sharded layout.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 from torch import Tensor
 
 from ntrk_lightning.fileio import atomic_write_bytes, atomic_write_text, json_safe
+from ntrk_lightning.jsonnum import dumps_line
 
-IMAGES = "images"
-RECORDS = "records.jsonl"
-METRICS = "metrics.json"
-REPORT = "report.md"
-FAILED = "failed.jsonl"
+from ntrk_lightning.runfiles import (FAILED, IMAGES, LOCK, METRICS, RECORD_SHARDS, RECORDS, REPORT,  # noqa: F401
+                                     RUN_JSON, STATES)
+
+#: a prompt-group folder holds this many consecutive prompts...
+SHARD_PROMPTS = 50
+#: ...and each of its sample-group folders this many consecutive sample indices of them (PNG +
+#: record each: <= 10,000 files)
+SHARD_SAMPLES = 100
 
 _STEM = re.compile(r"^p(\d{5,})_s(\d{5,})$")
+_PROMPT_GROUP = re.compile(r"^p\d{5,}-\d{5,}$")
+_SAMPLE_GROUP = re.compile(r"^s\d{5,}-\d{5,}$")
+_ARM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+FAILED_SUFFIX = ".failed.json"
+
+Key = tuple[str, int, int]  # (arm, prompt index, sample index)
 
 
 def stem(prompt_index: int, sample_index: int) -> str:
@@ -37,23 +54,78 @@ def key(arm: str, prompt_index: int, sample_index: int) -> str:
     return f"{arm}/{stem(prompt_index, sample_index)}"
 
 
+def shard(prompt_index: int, sample_index: int) -> str:
+    """The shard folder of a sample below ``images/<arm>``: ``p<first>-<last>/s<first>-<last>``."""
+    p0 = prompt_index // SHARD_PROMPTS * SHARD_PROMPTS
+    s0 = sample_index // SHARD_SAMPLES * SHARD_SAMPLES
+    return f"p{p0:05d}-{p0 + SHARD_PROMPTS - 1:05d}/s{s0:05d}-{s0 + SHARD_SAMPLES - 1:05d}"
+
+
+def sample_dir(out: Path, arm: str, prompt_index: int, sample_index: int) -> Path:
+    return out / IMAGES / arm / shard(prompt_index, sample_index)
+
+
 def image_path(out: Path, arm: str, prompt_index: int, sample_index: int) -> Path:
-    return out / IMAGES / arm / f"{stem(prompt_index, sample_index)}.png"
+    return sample_dir(out, arm, prompt_index, sample_index) / f"{stem(prompt_index, sample_index)}.png"
 
 
 def record_path(out: Path, arm: str, prompt_index: int, sample_index: int) -> Path:
+    return sample_dir(out, arm, prompt_index, sample_index) / f"{stem(prompt_index, sample_index)}.json"
+
+
+def failed_path(out: Path, arm: str, prompt_index: int, sample_index: int) -> Path:
+    return sample_dir(out, arm, prompt_index, sample_index) / f"{stem(prompt_index, sample_index)}{FAILED_SUFFIX}"
+
+
+def find_record(out: Path, arm: str, prompt_index: int, sample_index: int) -> Path:
+    """The record file of a sample: sharded, else flat (a folder from before sharding)."""
+    path = record_path(out, arm, prompt_index, sample_index)
+    if path.is_file():
+        return path
     return out / IMAGES / arm / f"{stem(prompt_index, sample_index)}.json"
 
 
 def check_arm_name(arm: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", arm):
+    if not _ARM.fullmatch(arm):
         raise ValueError(f"arm name {arm!r} must be letters, digits, '_', '.', '-' (it names a folder)")
     return arm
 
 
-def failed_path(out: Path, arm: str, prompt_index: int, sample_index: int) -> Path:
-    return out / IMAGES / arm / f"{stem(prompt_index, sample_index)}.failed.json"
+# ---- the record: one schema, built here only --------------------------------------------------
 
+def base_record(arm: str, prompt_index: int, prompt: str, sample_index: int, seed: int,
+                sampler: dict[str, Any], num_steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The fields every record and every failure marker share (docs/run_format.md): the sample's
+    identity, and the arm's sampler and steps."""
+    ident = {"arm": arm, "key": key(arm, prompt_index, sample_index), "prompt_index": prompt_index,
+             "prompt": prompt, "sample_index": sample_index, "seed": seed}
+    return ident, {"sampler": sampler, "num_steps": num_steps}
+
+
+def build_record(arm: str, prompt_index: int, prompt: str, sample_index: int, seed: int, sampler: dict[str, Any],
+                 num_steps: int, rewards: dict[str, Optional[float]], nfe: int, grad_evals: int,
+                 nan_fallbacks: int, seconds: float, rank: int) -> dict[str, Any]:
+    """The record of a finished sample (the writer adds ``png_bytes`` and ``png_sha256``)."""
+    ident, spec = base_record(arm, prompt_index, prompt, sample_index, seed, sampler, num_steps)
+    return {**ident, "image": str(image_path(Path("."), arm, prompt_index, sample_index)), **spec,
+            "rewards": rewards, "nfe": nfe, "grad_evals": grad_evals, "nan_fallbacks": nan_fallbacks,
+            "seconds": seconds, "rank": rank}
+
+
+def build_failed_record(arm: str, prompt_index: int, prompt: str, sample_index: int, seed: int,
+                        sampler: dict[str, Any], num_steps: int, nan_values: int, inf_values: int,
+                        values: int, rank: int) -> dict[str, Any]:
+    """The marker of a sample whose final image is not finite."""
+    ident, spec = base_record(arm, prompt_index, prompt, sample_index, seed, sampler, num_steps)
+    return {**ident, **spec, "failed": "non-finite final image", "nan_values": nan_values,
+            "inf_values": inf_values, "values": values, "rank": rank}
+
+
+def record_key(rec: dict[str, Any]) -> Key:
+    return (str(rec["arm"]), int(rec["prompt_index"]), int(rec["sample_index"]))
+
+
+# ---- images ------------------------------------------------------------------------------------
 
 def to_uint8(images: Tensor) -> Tensor:
     """Images in [0, 1] (B, C, H, W) -> uint8 on the CPU, as they are saved. Non-finite values
@@ -83,57 +155,6 @@ def png_bytes(image_u8: Tensor) -> bytes:
     return buf.getvalue()
 
 
-def write_sample(out: Path, record: dict[str, Any], image_u8: Tensor) -> None:
-    """PNG first, then the record that marks the sample finished; the record gains the PNG's
-    ``png_bytes`` and ``png_sha256`` (checked on resume)."""
-    import hashlib
-
-    arm, p, s = record["arm"], int(record["prompt_index"]), int(record["sample_index"])
-    data = png_bytes(image_u8)
-    record["png_bytes"], record["png_sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    atomic_write_bytes(image_path(out, arm, p, s), data)
-    atomic_write_text(record_path(out, arm, p, s), json.dumps(json_safe(record)) + "\n")
-    fp = failed_path(out, arm, p, s)
-    if fp.exists():  # an earlier run's failure of this sample is now superseded
-        fp.unlink(missing_ok=True)
-
-
-def write_failed(out: Path, record: dict[str, Any]) -> None:
-    """Mark a sample failed (no PNG, no record): counted in the metrics, generated again later."""
-    arm, p, s = record["arm"], int(record["prompt_index"]), int(record["sample_index"])
-    atomic_write_text(failed_path(out, arm, p, s), json.dumps(json_safe(record)) + "\n")
-
-
-def iter_failed(out: Path, arms: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """Failure markers of ``arms`` (unreadable ones skipped), in (arm, prompt, sample) order."""
-    for arm in arms:
-        folder = out / IMAGES / arm
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.glob("p*_s*.failed.json")):
-            try:
-                rec = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(rec, dict):
-                yield rec
-
-
-def remove_failed(out: Path, arms: Sequence[str], keys: set[tuple[str, int, int]]) -> int:
-    """Delete the failure markers of ``keys`` (they are about to be generated again)."""
-    n = 0
-    for arm in arms:
-        folder = out / IMAGES / arm
-        if not folder.is_dir():
-            continue
-        for path in folder.glob("p*_s*.failed.json"):
-            m = _STEM.match(path.name[: -len(".failed.json")])
-            if m and (arm, int(m.group(1)), int(m.group(2))) in keys:
-                path.unlink(missing_ok=True)
-                n += 1
-    return n
-
-
 def read_image_u8(path: Path) -> Tensor:
     """A saved PNG back as a (C, H, W) uint8 tensor."""
     import torch
@@ -145,44 +166,148 @@ def read_image_u8(path: Path) -> Tensor:
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 
 
-def iter_records(out: Path, arms: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """Records of finished samples of ``arms`` (unreadable records are skipped: they get
-    regenerated), in (arm, prompt, sample) order."""
-    for arm in arms:
-        folder = out / IMAGES / arm
-        if not folder.is_dir():
-            continue
-        for rec_path in sorted(folder.glob("p*_s*.json")):
-            m = _STEM.match(rec_path.stem)
-            if not m or not rec_path.with_suffix(".png").is_file():
-                continue
-            try:
-                rec = json.loads(rec_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(rec, dict):
-                yield rec
+# ---- writing -----------------------------------------------------------------------------------
+
+def write_sample(out: Path, record: dict[str, Any], image_u8: Tensor) -> None:
+    """PNG first, then the record that marks the sample finished; the record gains the PNG's
+    ``png_bytes`` and ``png_sha256`` (checked on resume)."""
+    import hashlib
+
+    arm, p, s = record_key(record)
+    data = png_bytes(image_u8)
+    record["png_bytes"], record["png_sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(image_path(out, arm, p, s), data)
+    atomic_write_text(record_path(out, arm, p, s), json.dumps(json_safe(record)) + "\n")
+    fp = failed_path(out, arm, p, s)
+    if fp.exists():  # an earlier run's failure of this sample is now superseded
+        fp.unlink(missing_ok=True)
 
 
-def finished_candidates(out: Path, arms: Sequence[str]) -> set[tuple[str, int, int]]:
-    """(arm, prompt index, sample index) of every sample in ``out`` with a record, not yet
-    checked (see :func:`ntrk_lightning.pipeline.run.verify_finished`)."""
-    done = set()
-    for arm in arms:
-        folder = out / IMAGES / arm
-        if not folder.is_dir():
+def write_failed(out: Path, record: dict[str, Any]) -> None:
+    """Mark a sample failed (no PNG, no record): counted in the metrics, generated again later."""
+    arm, p, s = record_key(record)
+    atomic_write_text(failed_path(out, arm, p, s), json.dumps(json_safe(record)) + "\n")
+
+
+def append_lines(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Append records to a JSON-lines shard (one writer per file: a rank) and flush them to disk.
+    A kill can leave a partial last line, which readers skip."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(dumps_line(r) for r in records))
+        f.flush()
+        if os.environ.get("NTRK_FSYNC", "1") != "0":
+            os.fsync(f.fileno())
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines shard, skipping lines a kill left unfinished."""
+    out = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return out
+    for line in text.splitlines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
             continue
-        for rec_path in folder.glob("p*_s*.json"):
-            m = _STEM.match(rec_path.stem)
-            if m:
-                done.add((arm, int(m.group(1)), int(m.group(2))))
-    return done
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
+def write_records_jsonl(out: Path, records: Iterable[dict[str, Any]]) -> int:
+    """Rewrite ``records.jsonl`` (atomically) from ``records``; returns the count."""
+    lines = [json.dumps(json_safe(r)) for r in records]
+    atomic_write_text(out / RECORDS, "\n".join(lines) + ("\n" if lines else ""))
+    return len(lines)
+
+
+def write_failed_jsonl(out: Path, failed: Sequence[dict[str, Any]]) -> None:
+    """``failed.jsonl`` with the failure markers, or no such file when nothing failed."""
+    path = out / FAILED
+    if failed:
+        atomic_write_text(path, "".join(json.dumps(json_safe(r)) + "\n" for r in failed))
+    elif path.exists():
+        path.unlink()
+
+
+# ---- reading what a folder holds (sharded and flat layouts) -------------------------------------
+
+def _subfolders(folder: Path, pattern: "re.Pattern[str]") -> tuple[list[Path], bool]:
+    """(subfolders whose name matches, whether ``folder`` itself holds sample files)."""
+    found, files = [], False
+    with os.scandir(folder) as it:
+        for entry in it:
+            if entry.is_dir() and pattern.match(entry.name):
+                found.append(folder / entry.name)
+            elif not files and entry.name.startswith("p") and entry.name.endswith(".json"):
+                files = True
+    return sorted(found), files
+
+
+def _sample_folders(out: Path, arm: str) -> list[Path]:
+    """The arm's shard folders, and the arm folder itself when it holds flat (older) samples."""
+    folder = out / IMAGES / arm
+    if not folder.is_dir():
+        return []
+    groups, flat = _subfolders(folder, _PROMPT_GROUP)
+    shards = [s for g in groups for s in _subfolders(g, _SAMPLE_GROUP)[0]]
+    return ([folder] if flat else []) + shards
+
+
+def locate_records(out: Path, arms: Sequence[str]) -> dict[Key, Path]:
+    """(arm, prompt, sample) -> record path of every sample with a record, not yet checked (see
+    :func:`ntrk_lightning.pipeline.run.verify_finished`); a sharded record wins over a flat one."""
+    found: dict[Key, Path] = {}
+    for arm in arms:
+        for folder in _sample_folders(out, arm):
+            with os.scandir(folder) as it:
+                for entry in it:
+                    name = entry.name
+                    if not name.endswith(".json") or name.endswith(FAILED_SUFFIX):
+                        continue
+                    m = _STEM.match(name[:-5])
+                    if m:
+                        found[(arm, int(m.group(1)), int(m.group(2)))] = folder / name
+    return found
+
+
+def _failure_markers(out: Path, arms: Sequence[str]) -> Iterator[tuple[Key, Path]]:
+    for arm in arms:
+        for folder in _sample_folders(out, arm):
+            for path in folder.glob(f"p*_s*{FAILED_SUFFIX}"):
+                m = _STEM.match(path.name[: -len(FAILED_SUFFIX)])
+                if m:
+                    yield (arm, int(m.group(1)), int(m.group(2))), path
+
+
+def iter_failed(out: Path, arms: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Failure markers of ``arms`` (unreadable ones skipped), in (arm, prompt, sample) order."""
+    for _, path in sorted(_failure_markers(out, arms)):
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict):
+            yield rec
+
+
+def remove_failed(out: Path, arms: Sequence[str], keys: set[Key]) -> int:
+    """Delete the failure markers of ``keys`` (they are about to be generated again)."""
+    n = 0
+    for k, path in list(_failure_markers(out, arms)):
+        if k in keys:
+            path.unlink(missing_ok=True)
+            n += 1
+    return n
 
 
 def remove_stale_temporaries(out: Path, arms: Sequence[str]) -> int:
     """Delete temporary files a killed run left behind (call before any process writes)."""
     n = 0
-    folders = [out] + [out / IMAGES / arm for arm in arms]
+    folders = [out, out / STATES] + [f for arm in arms for f in _sample_folders(out, arm)]
     for folder in folders:
         if folder.is_dir():
             for tmp in folder.glob(".*.tmp"):
@@ -192,10 +317,3 @@ def remove_stale_temporaries(out: Path, arms: Sequence[str]) -> int:
                 except OSError:
                     pass
     return n
-
-
-def write_records_jsonl(out: Path, records: Iterable[dict[str, Any]]) -> int:
-    """Rewrite ``records.jsonl`` (atomically) from ``records``; returns the count."""
-    lines = [json.dumps(json_safe(r)) for r in records]
-    atomic_write_text(out / RECORDS, "\n".join(lines) + ("\n" if lines else ""))
-    return len(lines)

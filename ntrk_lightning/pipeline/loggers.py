@@ -24,15 +24,16 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from ntrk_lightning.jsonnum import finite_or_none
+
 GRID_KEY = "samples"
 
 
 def _finite(v: Any) -> Optional[float]:
+    """A loggable number (a flag counts as 0/1), or ``None``."""
     if isinstance(v, bool):
         return float(v)
-    if isinstance(v, (int, float)) and math.isfinite(float(v)):
-        return float(v)
-    return None
+    return None if isinstance(v, dict) else finite_or_none(v)
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -143,23 +144,19 @@ def log_run(loggers: Iterable[Any], metrics: dict[str, Any], grid: Optional[np.n
     return flat
 
 
-def log_predict_run(loggers: Iterable[Any], output_dir: Path, per_arm: int = 8) -> dict[str, float]:
-    """:func:`log_run` for an ``ntrk predict`` folder: its ``metrics.json`` and the report's grid
-    (without a report: the first ``per_arm`` images of every arm, one row per arm)."""
-    import json
-
-    from ntrk_lightning.pipeline import layout
+def log_predict_run(loggers: Iterable[Any], output_dir: Path, metrics: dict[str, Any],
+                    records: Sequence[dict[str, Any]], per_arm: int = 8) -> dict[str, float]:
+    """:func:`log_run` for an ``ntrk predict`` run: its metrics (as written to ``metrics.json``) and
+    the report's grid (without a report: the first ``per_arm`` images of every arm, one row per arm)."""
     from ntrk_lightning.report import FIG_GRID
 
     out = Path(output_dir)
-    metrics = json.loads((out / layout.METRICS).read_text(encoding="utf-8"))
-    grid_path = out / FIG_GRID
+    grid_path: Optional[Path] = out / FIG_GRID
     grid = load_grid(grid_path) if grid_path.is_file() else None
     if grid is None:
         grid_path = None
         paths: list[Path] = []
         for arm in metrics.get("arms") or {}:
-            arm_dir = out / layout.IMAGES / arm
-            paths += sorted(arm_dir.glob("*.png"))[:per_arm] if arm_dir.is_dir() else []
+            paths += [out / r["image"] for r in records if r["arm"] == arm][:per_arm]
         grid = montage(paths, cols=per_arm)
     return log_run(loggers, metrics, grid, grid_path)

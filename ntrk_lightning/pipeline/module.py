@@ -2,18 +2,16 @@
 
 ``predict_step`` runs every *arm* (a named sampler configuration) on the batch's items through
 the functional core (:func:`ntrk_lightning.sample`), scores the results with the evaluation
-rewards, updates the metrics and hands images and records to the writer callback. At the end of
-the run all ranks add the samples an earlier run had finished (read back from disk, shared out by
-index) to their metrics, the metrics are synchronised, and rank 0 writes ``metrics.json``,
-``records.jsonl`` and ``report.md``.
+rewards, updates the metrics and returns images and records for the writer callback
+(:class:`~ntrk_lightning.pipeline.writer.SampleWriter`), which owns every file of the run. The
+module writes nothing and reads no file: at the end the writer hands it the metric states of
+samples an earlier run finished (:meth:`merge_metric_states`, :meth:`update_metrics`) and asks it
+for the summary (:meth:`metrics_summary`, :meth:`describe_run`).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -22,7 +20,7 @@ from torch import Tensor, nn
 
 from ntrk_lightning.api import sample
 from ntrk_lightning.backbones.base import Backbone
-from ntrk_lightning.fileio import atomic_write_json, atomic_write_text, json_safe
+from ntrk_lightning.jsonnum import finite_or_none
 from ntrk_lightning.pipeline import layout
 from ntrk_lightning.pipeline.console import step_callback
 from ntrk_lightning.pipeline.data import Item
@@ -77,19 +75,9 @@ class GenerationModule(pl.LightningModule):
             raise ValueError("samplers must map at least one arm name to a sampler spec")
         steps = _steps_per_arm(num_steps, list(samplers))
         eval_rewards = dict(eval_rewards or {})
-        for name in eval_rewards:
-            if name == GUIDANCE:
-                raise ValueError(f"eval reward name {GUIDANCE!r} is reserved for the guidance reward")
-        for arm, spec in samplers.items():
-            layout.check_arm_name(arm)
-            if not isinstance(spec, Sampler):
-                raise TypeError(f"arm {arm!r}: expected a sampler spec, got {type(spec).__name__}")
-            spec.validate()
-            if getattr(spec, "needs_gradient", False) and not is_differentiable(reward):
-                raise ValueError(
-                    f"arm {arm!r}: sampler {spec.name!r} follows the reward gradient, but the reward "
-                    f"{getattr(reward, 'name', type(reward).__name__)!r} is not differentiable; use a search "
-                    "sampler (best_of_n, svdd, smc with proposal=prior) or a differentiable reward")
+        if GUIDANCE in eval_rewards:
+            raise ValueError(f"eval reward name {GUIDANCE!r} is reserved for the guidance reward")
+        _check_arms(samplers, reward)
         if fid_reference is not None:
             from metrics.reference import check_reference_source
 
@@ -110,9 +98,7 @@ class GenerationModule(pl.LightningModule):
         self._scheduler: Any = None
         self._metrics_ready = False
         self._interrupted = False
-        #: class paths and init arguments of backbone/rewards as configured (set by the CLI); the
-        #: run fingerprint uses them (without them: class names and ``describe()``)
-        self.component_specs: Optional[dict[str, Any]] = None
+        self._t_start = time.perf_counter()
 
     # ---- set-up ----------------------------------------------------------------------------
     @property
@@ -134,40 +120,38 @@ class GenerationModule(pl.LightningModule):
 
     def _build_metrics(self) -> None:
         import metrics as M
+        from metrics.group import build_groups, shared_reference_stats
 
         feature = None
         if self.fid_reference is not None or self.diversity:
             feature = M.build_feature(self.fid_feature)
-        reference = M.reference_stats(self.fid_reference, feature) if self.fid_reference is not None else None
-        for arm in self.arm_names:
-            group = nn.ModuleDict({f"reward__{n}": M.RewardStatistics() for n in self.reward_names})
-            if reference is not None:
-                group["fid"] = M.FrechetDistance(feature, reference=reference)
-            if self.diversity:
-                group["diversity"] = M.Diversity(feature)
-            if self.clip_model is not None:
-                group["clip_score"] = M.OpenCLIPScore(self.clip_model, pretrained=self.clip_weights)
-            self.metrics[arm] = group
+        reference = None
+        if self.fid_reference is not None:
+            trainer = self._trainer
+            zero = trainer is None or trainer.is_global_zero
+            barrier = trainer.strategy.barrier if trainer is not None else (lambda: None)
+            reference = shared_reference_stats(self.fid_reference, feature, zero, barrier)
+        clip = M.OpenCLIPScore(self.clip_model, pretrained=self.clip_weights) if self.clip_model is not None else None
+        self.metrics = build_groups(self.arm_names, self.reward_names, feature, reference, self.diversity, clip)
         self._metrics_ready = True
 
     def configure_callbacks(self) -> list[pl.Callback]:
+        from ntrk_lightning.pipeline.console import StepProgress
         from ntrk_lightning.pipeline.writer import SampleWriter
 
         if self.output_dir is None:
             raise ValueError("GenerationModule needs output_dir (ntrk predict --output_dir DIR)")
-        from ntrk_lightning.pipeline.console import StepProgress
-
-        return [SampleWriter(self.output_dir), StepProgress()]
+        return [SampleWriter(self.output_dir, write_report=self.write_report), StepProgress()]
 
     def on_predict_start(self) -> None:
         if torch.is_inference_mode_enabled() and any(getattr(s, "needs_gradient", False)
                                                      for s in self.samplers.values()):
             raise RuntimeError("reward guidance needs autograd: construct the Trainer with inference_mode=False")
+        from metrics.group import reset_groups
+
         self._scheduler = self.backbone.make_scheduler()
         self._t_start = time.perf_counter()
-        for group in self.metrics.values():
-            for m in group.values():
-                m.reset()  # ddp_spawn on CPU shares metric storage between ranks
+        reset_groups(self.metrics)  # ddp_spawn on CPU shares metric storage between ranks
 
     # ---- generation --------------------------------------------------------------------------
     def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -180,209 +164,120 @@ class GenerationModule(pl.LightningModule):
             raise SIGTERMException()
 
     def predict_step(self, batch: Sequence[Item], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Per arm with items in the batch: ``{"arm", "records", "images" (uint8, or None),
+        "failed" (failure markers)}`` for the writer; the metrics are updated here."""
         outputs = []
-        model = self.backbone.model()
         for arm, spec in self.samplers.items():
             items = [it for it in batch if arm in it.arms]
-            if not items:
-                continue
-            prompts = [it.prompt for it in items]
-            cond = self.backbone.conditioning(prompts)
-            res = sample(model, self._scheduler, self.reward, spec, self.num_steps[arm], seed=[it.seed for it in items],
-                         cond=cond, prompts=prompts, device=self.device,
-                         callback=step_callback(self._trainer, arm, self.num_steps[arm]))  # per-step progress on a terminal
-            n = len(items)
-            # a non-finite final image is a failed sample, never a black "finished" one
-            finite = torch.isfinite(res.images.detach().reshape(n, -1)).all(dim=1).cpu()
-            failed = [self._failed_record(arm, spec, it, res.images[j]) for j, it in enumerate(items)
-                      if not bool(finite[j])]
-            keep = [j for j in range(n) if bool(finite[j])]
-            if not keep:
-                outputs.append({"arm": arm, "records": [], "images": None, "failed": failed})
-                continue
-            if failed:
-                idx = torch.tensor(keep, device=res.images.device)
-                res_images, res_rewards = res.images.index_select(0, idx), res.rewards.index_select(0, idx.to(res.rewards.device))
-                items = [items[j] for j in keep]
-                prompts = [it.prompt for it in items]
-            else:
-                res_images, res_rewards = res.images, res.rewards
-            images = res_images.float().clamp(0.0, 1.0)
-            rewards = {GUIDANCE: res_rewards.float().cpu()}
-            with torch.no_grad():
-                for name, r in self.eval_rewards.items():
-                    rewards[name] = r(images, prompts).float().cpu()
-            u8 = layout.to_uint8(images)
-            self._update_metrics(arm, u8, rewards, items)
-            records = []
-            for j, it in enumerate(items):
-                records.append({
-                    "arm": arm, "key": layout.key(arm, it.prompt_index, it.sample_index),
-                    "prompt_index": it.prompt_index, "prompt": it.prompt, "sample_index": it.sample_index,
-                    "seed": it.seed,
-                    "image": str(layout.image_path(Path("."), arm, it.prompt_index, it.sample_index)),
-                    "sampler": spec.describe(), "num_steps": self.num_steps[arm],
-                    "rewards": {k: _num(v[j]) for k, v in rewards.items()},
-                    "nfe": res.nfe, "grad_evals": res.grad_evals,
-                    "nan_fallbacks": int(res.nan_fallbacks_per_sample[keep[j]]),
-                    "seconds": res.seconds / n, "rank": self.global_rank,
-                })
-            outputs.append({"arm": arm, "records": records, "images": u8, "failed": failed})
+            if items:
+                outputs.append(self._generate_arm(arm, spec, items))
         return outputs
+
+    def _generate_arm(self, arm: str, spec: Sampler, items: list[Item]) -> dict[str, Any]:
+        prompts = [it.prompt for it in items]
+        res = sample(self.backbone.model(), self._scheduler, self.reward, spec, self.num_steps[arm],
+                     seed=[it.seed for it in items], cond=self.backbone.conditioning(prompts), prompts=prompts,
+                     device=self.device,
+                     callback=step_callback(self._trainer, arm, self.num_steps[arm]))  # per-step progress on a terminal
+        n = len(items)
+        # a non-finite final image is a failed sample, never a black "finished" one
+        finite = torch.isfinite(res.images.detach().reshape(n, -1)).all(dim=1).cpu()
+        keep = [j for j in range(n) if bool(finite[j])]
+        failed = [self._failed_record(arm, spec, it, res.images[j]) for j, it in enumerate(items) if not bool(finite[j])]
+        if not keep:
+            return {"arm": arm, "records": [], "images": None, "failed": failed}
+        images, rewards = res.images, res.rewards
+        if failed:
+            idx = torch.tensor(keep, device=res.images.device)
+            images, rewards = images.index_select(0, idx), rewards.index_select(0, idx.to(rewards.device))
+            items = [items[j] for j in keep]
+        images = images.float().clamp(0.0, 1.0)
+        scores = self._score(images, [it.prompt for it in items], rewards)
+        u8 = layout.to_uint8(images)
+        self.update_metrics(arm, u8, scores, items)
+        records = [layout.build_record(
+            arm, it.prompt_index, it.prompt, it.sample_index, it.seed, spec.describe(), self.num_steps[arm],
+            rewards={k: finite_or_none(v[j]) for k, v in scores.items()}, nfe=res.nfe, grad_evals=res.grad_evals,
+            nan_fallbacks=int(res.nan_fallbacks_per_sample[keep[j]]), seconds=res.seconds / n, rank=self.global_rank)
+            for j, it in enumerate(items)]
+        return {"arm": arm, "records": records, "images": u8, "failed": failed}
+
+    def _score(self, images: Tensor, prompts: list[str], guidance: Tensor) -> dict[str, Tensor]:
+        """Reward name -> (B,) float values on the CPU: the guidance reward the sampler returned,
+        then every evaluation reward on the final images."""
+        scores = {GUIDANCE: guidance.float().cpu()}
+        with torch.no_grad():
+            for name, r in self.eval_rewards.items():
+                scores[name] = r(images, prompts).float().cpu()
+        return scores
 
     def _failed_record(self, arm: str, spec: Sampler, it: Item, image: Tensor) -> dict[str, Any]:
         x = image.detach()
-        return {"arm": arm, "key": layout.key(arm, it.prompt_index, it.sample_index),
-                "prompt_index": it.prompt_index, "prompt": it.prompt, "sample_index": it.sample_index,
-                "seed": it.seed, "sampler": spec.describe(), "num_steps": self.num_steps[arm],
-                "failed": "non-finite final image",
-                "nan_values": int(torch.isnan(x).sum()), "inf_values": int(torch.isinf(x).sum()),
-                "values": int(x.numel()), "rank": self.global_rank}
+        return layout.build_failed_record(arm, it.prompt_index, it.prompt, it.sample_index, it.seed, spec.describe(),
+                                          self.num_steps[arm], nan_values=int(torch.isnan(x).sum()),
+                                          inf_values=int(torch.isinf(x).sum()), values=int(x.numel()),
+                                          rank=self.global_rank)
 
-    def _update_metrics(self, arm: str, u8: Tensor, rewards: dict[str, Tensor], items: Sequence[Item]) -> None:
-        group = self.metrics[arm]
-        for name, v in rewards.items():
-            group[f"reward__{name}"].update(v.to(self.device, torch.float64))
-        if "fid" in group:
-            group["fid"].update(u8.to(self.device))
-        if "diversity" in group:
-            group["diversity"].update(u8.to(self.device),
-                                      torch.tensor([it.prompt_index for it in items], device=self.device))
-        if "clip_score" in group:
-            group["clip_score"].update(u8.to(self.device).float() / 255.0, [it.prompt for it in items])
+    # ---- metrics (the writer's interface) ------------------------------------------------------
+    def update_metrics(self, arm: str, u8: Tensor, rewards: dict[str, Tensor], items: Sequence[Item]) -> None:
+        """Add finished samples of ``arm`` to its metrics: uint8 images, reward values, items."""
+        from metrics.group import update_group
 
-    # ---- end of run --------------------------------------------------------------------------
-    def on_predict_end(self) -> None:
-        trainer = self.trainer
-        out = Path(self.output_dir)
-        self._catch_up(out, trainer.datamodule, trainer.global_rank, trainer.world_size)
-        summary = {arm: self._compute(arm) for arm in self.arm_names}  # collective: every rank
-        trainer.strategy.barrier()  # every rank's files are on disk
-        dm = trainer.datamodule
-        run_stats = {"world_size": trainer.world_size,
-                     "generated_this_run": sum(len(it.arms) for it in getattr(dm, "items", [])),
-                     "predict_seconds": time.perf_counter() - self._t_start,
-                     "identity": getattr(dm, "identity", None),
-                     "damaged_regenerated": len(getattr(dm, "problems", []) or []),
-                     "damaged": list(getattr(dm, "problems", []) or [])[:100]}
-        verdict = None
-        if trainer.is_global_zero:
-            verdict = self._write_run_files(out, summary, run_stats)
-            if trainer.loggers:  # --trainer.logger: final metrics per arm and the sample grid
-                from ntrk_lightning.pipeline.loggers import log_predict_run
+        groups = torch.tensor([it.prompt_index for it in items], device=self.device)
+        update_group(self.metrics[arm], u8.to(self.device), {k: v.to(self.device) for k, v in rewards.items()},
+                     groups, [it.prompt for it in items])
 
-                log_predict_run(trainer.loggers, out)
-        if trainer.world_size > 1:
-            verdict = trainer.strategy.broadcast(verdict, src=0)
-        trainer.strategy.barrier()
-        if verdict:
-            from ntrk_lightning.pipeline.run import RunFolderError
+    def metric_states(self) -> dict[str, dict[str, Any]]:
+        """arm -> this rank's metric states (to persist them with the samples they cover)."""
+        from metrics.group import group_states
 
-            raise RunFolderError(verdict)
+        return {arm: group_states(group) for arm, group in self.metrics.items()}
 
-    def _catch_up(self, out: Path, dm: Any, rank: int, world: int) -> None:
-        """Add samples finished by an earlier run to this rank's metrics (rank r takes every W-th).
-        They were verified in the data module's ``setup``; a file that changed since then is a
-        one-line error naming it."""
-        try:
-            self._catch_up_files(out, dm, rank, world)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            from ntrk_lightning.pipeline.run import RunFolderError
+    def merge_metric_states(self, states: dict[str, dict[str, Any]]) -> None:
+        """Add persisted metric states (of samples an earlier run finished) to this rank's metrics."""
+        from metrics.group import merge_group_states
 
-            raise RunFolderError(f"a finished sample in {out} changed during the run ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''}); rerun the same command") from None
+        for arm, group_state in states.items():
+            if arm in self.metrics:
+                merge_group_states(self.metrics[arm], group_state)
 
-    def _catch_up_files(self, out: Path, dm: Any, rank: int, world: int) -> None:
-        done = sorted(getattr(dm, "finished", set()))
-        mine = done[rank::world]
-        by_arm: dict[str, list[tuple[int, int]]] = {}
-        for arm, p, s in mine:
-            by_arm.setdefault(arm, []).append((p, s))
-        for arm, keys in by_arm.items():
-            for start in range(0, len(keys), 256):
-                chunk = keys[start:start + 256]
-                recs = [_read_json(layout.record_path(out, arm, p, s)) for p, s in chunk]
-                u8 = torch.stack([layout.read_image_u8(layout.image_path(out, arm, p, s)) for p, s in chunk])
-                rewards = {n: torch.tensor([_from_json(r["rewards"].get(n)) for r in recs], dtype=torch.float64)
-                           for n in self.reward_names}
-                items = [Item(r["prompt_index"], r.get("prompt", ""), r["sample_index"], int(r["seed"]), (arm,))
-                         for r in recs]
-                self._update_metrics(arm, u8, rewards, items)
+    def metrics_summary(self) -> dict[str, dict[str, Any]]:
+        """arm -> summary over every rank (collective: every rank calls it)."""
+        from metrics.group import summarize_group
 
-    def _compute(self, arm: str) -> dict[str, Any]:
-        group = self.metrics[arm]
-        res: dict[str, Any] = {"rewards": {}}
-        for name in self.reward_names:
-            res["rewards"][name] = _plain(group[f"reward__{name}"].compute())
-        for key in ("fid", "diversity", "clip_score"):
-            res[key] = _plain(group[key].compute()) if key in group else None
-        return res
+        return {arm: summarize_group(self.metrics[arm], self.reward_names) for arm in self.arm_names}
 
-    def _write_run_files(self, out: Path, summary: dict[str, dict[str, Any]],
-                         run_stats: dict[str, Any]) -> Optional[str]:
-        """Write records.jsonl, failed.jsonl, metrics.json and the report; returns the one-line
-        verdict when an arm has no finished sample because every one of its samples failed."""
-        dm = self.trainer.datamodule if self.trainer is not None else None
-        wanted = None
-        if dm is not None and hasattr(dm, "all_items"):
-            wanted = {layout.key(a, it.prompt_index, it.sample_index)
-                      for it in dm.all_items(self.arm_names) for a in self.arm_names}
-        records = [r for r in layout.iter_records(out, self.arm_names) if wanted is None or r.get("key") in wanted]
-        layout.write_records_jsonl(out, records)
-        failed = [r for r in layout.iter_failed(out, self.arm_names) if wanted is None or r.get("key") in wanted]
-        failed_file = out / layout.FAILED
-        if failed:
-            atomic_write_text(failed_file, "".join(json.dumps(json_safe(r)) + "\n" for r in failed))
-        elif failed_file.exists():
-            failed_file.unlink()
-        arms = {}
-        for arm in self.arm_names:
-            recs = [r for r in records if r["arm"] == arm]
-            n = len(recs)
-            arms[arm] = {
-                "sampler": self.samplers[arm].describe(),
-                "num_steps": self.num_steps[arm],
-                "num_samples": n,
-                "num_failed": sum(1 for r in failed if r["arm"] == arm),
-                "nfe_per_sample": _mean([r["nfe"] for r in recs]),
-                "grad_evals_per_sample": _mean([r["grad_evals"] for r in recs]),
-                "seconds_per_sample": _mean([r["seconds"] for r in recs]),
-                "nan_fallbacks": int(sum(r.get("nan_fallbacks", 0) for r in recs)),
-                **summary[arm],
-            }
-        name = self.run_name or out.resolve().name
+    def describe_run(self) -> dict[str, Any]:
+        """What ``metrics.json`` says about the configuration (beside the per-arm numbers)."""
         steps = set(self.num_steps.values())
-        result = {"run": name, "model": self.backbone.describe(),
-                  "num_steps": steps.pop() if len(steps) == 1 else dict(self.num_steps),
-                  "primary_reward": GUIDANCE, "reward": _describe(self.reward),
-                  "eval_rewards": {k: _describe(v) for k, v in self.eval_rewards.items()},
-                  "fid_reference": self.fid_reference, "fid_feature": self.fid_feature if self.fid_reference else None,
-                  "arms": arms,
-                  "last_run": run_stats}
-        atomic_write_json(out / layout.METRICS, result)
-        dead = [a for a in self.arm_names if arms[a]["num_samples"] == 0 and arms[a]["num_failed"] > 0]
-        if self.write_report and not dead:
-            from ntrk_lightning.report import write_report
-
-            write_report([out], out, title=name)
-        if dead:
-            return (f"every sample of arm(s) {', '.join(dead)} failed (non-finite images; see "
-                    f"{out / layout.FAILED}): check the weights and the sampler's hyperparameters")
-        return None
+        return {"run_name": self.run_name, "model": self.backbone.describe(),
+                "num_steps": steps.pop() if len(steps) == 1 else dict(self.num_steps),
+                "primary_reward": GUIDANCE, "reward": _describe(self.reward),
+                "eval_rewards": {k: _describe(v) for k, v in self.eval_rewards.items()},
+                "fid_reference": self.fid_reference, "fid_feature": self.fid_feature if self.fid_reference else None,
+                "samplers": {arm: s.describe() for arm, s in self.samplers.items()},
+                "steps_per_arm": dict(self.num_steps),
+                "predict_seconds": time.perf_counter() - self._t_start}
 
     def teardown(self, stage: str) -> None:
-        # Destroying the gloo/NCCL group avoids intermittent aborts at exit.
-        if stage == "predict" and torch.distributed.is_available() and torch.distributed.is_initialized():
-            try:
-                if not self._interrupted:  # after a signal the other ranks may be gone
-                    torch.distributed.barrier()
-            finally:
-                torch.distributed.destroy_process_group()
+        if stage == "predict":
+            from ntrk_lightning.pipeline.distributed import destroy_process_group
+
+            destroy_process_group(barrier=not self._interrupted)  # after a signal the other ranks may be gone
 
 
-def _num(v: Any) -> float:
-    x = float(v)
-    return x if math.isfinite(x) else (None if math.isnan(x) else x)  # JSON has no NaN
+def _check_arms(samplers: dict[str, Sampler], reward: Reward) -> None:
+    """Arm names, sampler specs and their needs (a gradient sampler needs a differentiable reward)."""
+    for arm, spec in samplers.items():
+        layout.check_arm_name(arm)
+        if not isinstance(spec, Sampler):
+            raise TypeError(f"arm {arm!r}: expected a sampler spec, got {type(spec).__name__}")
+        spec.validate()
+        if getattr(spec, "needs_gradient", False) and not is_differentiable(reward):
+            raise ValueError(
+                f"arm {arm!r}: sampler {spec.name!r} follows the reward gradient, but the reward "
+                f"{getattr(reward, 'name', type(reward).__name__)!r} is not differentiable; use a search "
+                "sampler (best_of_n, svdd, smc with proposal=prior) or a differentiable reward")
 
 
 def _steps_per_arm(num_steps: Union[int, dict[str, int]], arms: list[str]) -> dict[str, int]:
@@ -398,31 +293,6 @@ def _steps_per_arm(num_steps: Union[int, dict[str, int]], arms: list[str]) -> di
         if v < 1:
             raise ValueError(f"num_steps must be >= 1, got {v} for arm {a!r}")
     return steps
-
-
-def _from_json(v: Any) -> float:
-    return math.nan if v is None else float(v)
-
-
-def _mean(values: list[float]) -> Optional[float]:
-    vals = [float(v) for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, Tensor):
-        return v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, dict):
-        return {(k if isinstance(k, str) else str(k)): _plain(x) for k, x in v.items()}
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else v
-    return v
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _describe(r: Any) -> dict[str, Any]:

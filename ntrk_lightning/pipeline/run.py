@@ -35,9 +35,11 @@ from typing import Any, Iterable, Optional, Sequence
 from ntrk_lightning.fileio import atomic_write_json, file_identity, sha256_file
 from ntrk_lightning.pipeline import layout
 
-RUN_JSON = "run.json"
-LOCK = "run.lock"
+RUN_JSON = layout.RUN_JSON
+LOCK = layout.LOCK
 FORMAT_VERSION = 1
+#: a lock file still empty after this many seconds belongs to a writer that died mid-creation
+EMPTY_LOCK_STALE_SECONDS = 30
 
 
 class RunFolderError(RuntimeError):
@@ -117,21 +119,25 @@ def component_fingerprint(obj: Any, spec: Optional[dict[str, Any]] = None) -> di
     return {**_strip_paths(spec), "weights": weights}
 
 
-def fingerprint(module: Any, prompts: Sequence[str], seed: int) -> dict[str, Any]:
-    """The fingerprint of a generation run (``module``: a ``GenerationModule``)."""
-    specs: dict[str, Any] = getattr(module, "component_specs", None) or {}
+def model_fingerprint(module: Any, specs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The model's part of a generation run's fingerprint (``module``: a ``GenerationModule``;
+    ``specs``: class paths and init arguments of its backbone and rewards as configured)."""
+    specs = specs or {}
     eval_specs = specs.get("eval_rewards") or {}
     return {
         "format": FORMAT_VERSION,
         "backbone": component_fingerprint(module.backbone, specs.get("backbone")),
         "reward": component_fingerprint(module.reward, specs.get("reward")),
         "eval_rewards": {n: component_fingerprint(r, eval_specs.get(n)) for n, r in module.eval_rewards.items()},
-        "seed": int(seed),
-        "prompts": list(prompts),
         "arms": {arm: {"class_path": f"{type(s).__module__}.{type(s).__qualname__}",
                        "sampler": _plain(s.describe()), "num_steps": int(module.num_steps[arm])}
                  for arm, s in module.samplers.items()},
     }
+
+
+def fingerprint(module: Any, prompts: Sequence[str], seed: int, specs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The fingerprint of a generation run: the model's part plus the run seed and prompts."""
+    return {**model_fingerprint(module, specs), "seed": int(seed), "prompts": list(prompts)}
 
 
 def _first_difference(a: Any, b: Any, path: str) -> Optional[str]:
@@ -299,7 +305,7 @@ class RunLock:
     def _stale(self, holder: Optional[dict[str, Any]]) -> bool:
         if holder is None:  # being written, or its writer died between create and write
             try:
-                return time.time() - self.path.stat().st_mtime > 30
+                return time.time() - self.path.stat().st_mtime > EMPTY_LOCK_STALE_SECONDS
             except OSError:
                 return True
         if holder.get("token") in {lk.token for lk in _HELD.values()}:
@@ -399,12 +405,6 @@ atexit.register(release_all)
 # Integrity of finished samples
 # ---------------------------------------------------------------------------------------------
 
-def png_identity(data: bytes) -> dict[str, Any]:
-    import hashlib
-
-    return {"png_bytes": len(data), "png_sha256": hashlib.sha256(data).hexdigest()}
-
-
 def _check_png(path: Path, rec: dict[str, Any]) -> Optional[str]:
     try:
         size = path.stat().st_size
@@ -426,36 +426,77 @@ def _check_png(path: Path, rec: dict[str, Any]) -> Optional[str]:
     return None
 
 
-def verify_finished(out: Path, arms: Sequence[str], wanted: Iterable[tuple[str, int, int]],
-                    prompts: Sequence[str]) -> tuple[set[tuple[str, int, int]], list[dict[str, Any]]]:
-    """(finished keys, problems): every requested sample with a record is checked; a sample whose
-    record or PNG is damaged, or whose record belongs to another key or prompt, is deleted (record
-    first, so it never counts as finished) and reported in ``problems`` to be generated again."""
+def _check_record(rec_path: Path, key: layout.Key, prompts: Sequence[str]) -> tuple[dict[str, Any], Optional[str]]:
+    """(record, problem or ``None``) of one sample's record file."""
+    arm, p, s = key
+    try:
+        rec = json.loads(rec_path.read_text(encoding="utf-8"))
+        if not isinstance(rec, dict):
+            raise ValueError("not an object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return {}, f"record unreadable ({type(e).__name__})"
+    if rec.get("arm") != arm or rec.get("prompt_index") != p or rec.get("sample_index") != s:
+        return rec, "record names another sample"
+    if p < len(prompts) and rec.get("prompt", "") != prompts[p]:
+        return rec, "record has another prompt"
+    return rec, None
+
+
+def verify_finished(out: Path, arms: Sequence[str], wanted: Iterable[layout.Key],
+                    prompts: Sequence[str]) -> tuple[dict[layout.Key, dict[str, Any]], list[dict[str, Any]]]:
+    """(finished key -> its record, problems): every requested sample with a record is checked; a
+    sample whose record or PNG is damaged, or whose record belongs to another key or prompt, is
+    deleted (record first, so it never counts as finished) and reported in ``problems`` to be
+    generated again. Sharded and flat (older) folders alike."""
     wanted = set(wanted)
-    finished: set[tuple[str, int, int]] = set()
+    finished: dict[layout.Key, dict[str, Any]] = {}
     problems: list[dict[str, Any]] = []
-    for arm, p, s in sorted(layout.finished_candidates(out, arms) & wanted):
-        rec_path, png_path = layout.record_path(out, arm, p, s), layout.image_path(out, arm, p, s)
-        reason = None
-        try:
-            rec = json.loads(rec_path.read_text(encoding="utf-8"))
-            if not isinstance(rec, dict):
-                raise ValueError("not an object")
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            rec, reason = {}, f"record unreadable ({type(e).__name__})"
-        if reason is None and (rec.get("arm") != arm or rec.get("prompt_index") != p or rec.get("sample_index") != s):
-            reason = "record names another sample"
-        if reason is None and p < len(prompts) and rec.get("prompt", "") != prompts[p]:
-            reason = "record has another prompt"
+    located = layout.locate_records(out, arms)
+    for k in sorted(located.keys() & wanted):
+        rec_path = located[k]
+        png_path = rec_path.with_suffix(".png")
+        rec, reason = _check_record(rec_path, k, prompts)
         if reason is None:
             reason = _check_png(png_path, rec)
         if reason is None:
-            finished.add((arm, p, s))
+            rec["image"] = png_path.relative_to(out).as_posix()  # where it is, whatever the layout
+            finished[k] = rec
             continue
-        problems.append({"key": layout.key(arm, p, s), "problem": reason})
+        problems.append({"key": layout.key(*k), "problem": reason})
         for f in (rec_path, png_path):
             try:
                 f.unlink()
             except FileNotFoundError:
                 pass
     return finished, problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Persisted metric states of finished samples
+# ---------------------------------------------------------------------------------------------
+
+def state_file_stem(run_id: str, rank: int) -> str:
+    return f"{run_id}.rank{rank:05d}"
+
+
+def plan_states(out: Path, finished: dict[layout.Key, dict[str, Any]]) -> tuple[list[str], list[layout.Key]]:
+    """(state files to load, finished keys they do not cover). A state file counts when its key
+    list names only finished samples whose PNG checksum is the one it was computed from, and no
+    sample an earlier file already covers; the keys no file covers are read back from disk."""
+    by_key = {layout.key(*k): k for k in finished}
+    covered: set[layout.Key] = set()
+    files: list[str] = []
+    folder = out / layout.STATES
+    for index in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if not index.with_suffix(".pt").is_file():
+            continue
+        try:
+            keys = json.loads(index.read_text(encoding="utf-8"))["keys"]
+            mine = [by_key[k] for k in keys]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            continue  # unreadable, or names a sample that is no longer finished
+        if any(finished[k].get("png_sha256") != keys[layout.key(*k)] for k in mine) or covered.intersection(mine):
+            continue
+        covered.update(mine)
+        files.append(index.stem)
+    return files, sorted(set(finished) - covered)
