@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import ntrk_lightning as ntrk
-from ntrk_lightning.backbones.digits_unet import (DigitFeatures, load_digits_unet, load_unet, make_scheduler,
-                                                  weights_dir)
-from ntrk_lightning.training.quality import evaluate_digits_model, real_images
+from ntrk_lightning.backbones.digits_unet import load_digits_unet, load_unet, make_scheduler, weights_dir
+from ntrk_lightning.data.digits import real_images
+from ntrk_lightning.training.quality import evaluate_digits_model
 from pipeline_utils import run_cli
-from rewards.digits import DigitClassifierReward, load_shipped_classifier
+from rewards.digits import DigitClassifierReward, DigitFeatures, load_shipped_classifier
 
 
 @pytest.fixture(scope="module")

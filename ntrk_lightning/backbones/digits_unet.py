@@ -9,8 +9,8 @@ on disk) ship in ``ntrk_lightning/weights``; everything here works offline::
     scheduler = make_scheduler()            # DDIMScheduler from the training DDPM config
     eps = model.denoiser(x_t, t)            # t: scalar or (B,) long tensor of training timesteps
 
-Also here: :class:`DigitFeatures`, the 64-d feature extractor (penultimate layer of the shipped
-reward ConvClassifier) used as the "Inception" of FID for digits.
+The digits feature network for FID (``DigitFeatures``) lives with the classifiers it is made of,
+in :mod:`rewards.digits`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from ntrk_lightning.backbones.base import Backbone
@@ -156,56 +155,6 @@ def load_digits_unet(name: str = "digits16", device: Union[str, torch.device] = 
     }
     return DiffusionModel(denoiser=UNetEps(unet), decode=identity_decode, sample_shape=(ch, res, res),
                           name=name, meta=meta)
-
-
-class DigitFeatures(nn.Module):
-    """64-d digit features for FID: the penultimate layer of the reward ConvClassifier.
-
-    Use as ``torchmetrics.image.fid.FrechetInceptionDistance(feature=DigitFeatures())``. With a
-    custom feature module torchmetrics hands the images through unchanged whatever its
-    ``normalize`` flag says, so this module accepts both conventions:
-
-    * ``uint8`` images in [0, 255] (torchmetrics' default ``normalize=False`` convention),
-    * floating images in [0, 1] (the convention of every reward here; use ``normalize=True`` to
-      document it, it changes nothing for a custom module).
-
-    Three-channel input is averaged to one channel, and other sizes are resized bilinearly to the
-    classifier's resolution. The module stays in eval mode and never needs gradients.
-    """
-
-    num_features = 64
-
-    def __init__(self, classifier: Optional[nn.Module] = None, resolution: int = 16) -> None:
-        super().__init__()
-        if classifier is None:
-            from rewards.digits import load_shipped_classifier
-
-            classifier = load_shipped_classifier("reward")
-        if not hasattr(classifier, "features"):
-            raise TypeError("DigitFeatures needs a classifier with a .features() method (ConvClassifier)")
-        self.classifier = classifier
-        self.resolution = int(resolution)
-        self.classifier.requires_grad_(False)
-        self.train(False)
-
-    def train(self, mode: bool = True) -> "DigitFeatures":  # always eval: fixed feature space
-        return super().train(False)
-
-    def forward(self, images: Tensor) -> Tensor:
-        if images.dtype == torch.uint8:
-            images = images.float() / 255.0
-        p = next(self.classifier.parameters())
-        images = images.to(device=p.device, dtype=p.dtype)
-        if images.ndim == 3:
-            images = images.unsqueeze(1)
-        if images.shape[1] == 3:
-            images = images.mean(dim=1, keepdim=True)
-        if images.shape[1] != 1:
-            raise ValueError(f"expected 1 or 3 channels, got shape {tuple(images.shape)}")
-        if images.shape[-2:] != (self.resolution, self.resolution):
-            images = F.interpolate(images, size=(self.resolution, self.resolution), mode="bilinear",
-                                   align_corners=False, antialias=True)
-        return self.classifier.features(images)
 
 
 class DigitsUNetBackbone(Backbone):

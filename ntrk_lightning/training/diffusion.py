@@ -234,8 +234,9 @@ class DigitsDiffusionModule(pl.LightningModule):
         return cdir, load_shipped_classifier("reward", weights_dir=cdir), load_shipped_classifier("judge", weights_dir=cdir)
 
     def _evaluate_export(self, out: Path) -> dict[str, Any]:
-        from ntrk_lightning.backbones.digits_unet import DigitFeatures, load_digits_unet, make_scheduler
+        from ntrk_lightning.backbones.digits_unet import load_digits_unet, make_scheduler
         from ntrk_lightning.training.quality import evaluate_digits_model
+        from rewards.digits import DigitFeatures
 
         hp = self.hparams
         cdir, reward_net, judge = self._eval_classifiers(out)

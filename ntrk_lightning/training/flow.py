@@ -173,15 +173,14 @@ class DigitsFlowModule(DigitsDiffusionModule):
 
     def _evaluate_export(self, out: Path) -> dict[str, Any]:
         from ntrk_lightning.backbones.digits_flow import load_digits_flow, make_scheduler
-        from ntrk_lightning.backbones.digits_unet import DigitFeatures
-        from ntrk_lightning.training.quality import core_sample, evaluate_digits_model
+        from ntrk_lightning.training.quality import evaluate_digits_model
+        from rewards.digits import DigitFeatures
 
         hp = self.hparams
         cdir, reward_net, judge = self._eval_classifiers(out)
         model = load_digits_flow(hp.model_name, root=out)  # what ships, float16 round trip included
         q = evaluate_digits_model(model, make_scheduler(hp.model_name, root=out), DigitFeatures(reward_net),
                                   judge, reward_net, n=hp.eval_samples, num_steps=hp.eval_steps,
-                                  eta=hp.eval_eta, seed=hp.eval_seed, sample_fn=core_sample)
-        q["sampler"] = f"ntrk_lightning.sample, Plain(eta={hp.eval_eta}), seed={hp.eval_seed}"
+                                  eta=hp.eval_eta, seed=hp.eval_seed)
         q["classifiers_from"] = str(cdir)
         return q
