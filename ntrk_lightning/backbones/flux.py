@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ntrk_lightning.backbones.sd3 import FlowMatchingBackbone, WeightsDType
-from ntrk_lightning.backbones.stable_diffusion import DTypeName, compute_context, upcast
+from ntrk_lightning.backbones.stable_diffusion import DTypeName, checked_guidance_scale, compute_context, upcast
 
 FLUX_COMPONENTS = {"transformer": "diffusers", "vae": "diffusers", "text_encoder": "transformers",
                    "tokenizer": "tokenizer", "text_encoder_2": "transformers", "tokenizer_2": "t5_tokenizer",
@@ -158,9 +158,7 @@ class FluxBackbone(FlowMatchingBackbone):
                          gradient_checkpointing=gradient_checkpointing, variant=variant,
                          max_sequence_length=max_sequence_length, scheduler_overrides=scheduler_overrides,
                          revision=revision, cache_dir=cache_dir, name=name)
-        self.guidance_scale = float(guidance_scale)
-        if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        self.guidance_scale = checked_guidance_scale(guidance_scale)
         self.guidance_embeds = bool(self.transformer_config.get("guidance_embeds", False))
         self.text_encoder: Optional[nn.Module] = None
         self.text_encoder_2: Optional[nn.Module] = None

@@ -23,6 +23,14 @@ def _plain_config(cfg: Any) -> dict[str, Any]:
     return ex.jsonable({k: v for k, v in dict(cfg).items() if not str(k).startswith("_")})
 
 
+def check_unet_options(block_out_channels: Sequence[int], down_block_types: Sequence[str],
+                       up_block_types: Sequence[str], ema_decay: float) -> None:
+    if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
+        raise ValueError("down_block_types, up_block_types and block_out_channels must have equal lengths")
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+
+
 class DigitsDiffusionModule(pl.LightningModule):
     """DDPM training of ``UNet2DModel`` on digits in [-1, 1] (batches ``(images, labels)``; the
     labels are ignored: the model is unconditional).
@@ -71,24 +79,29 @@ class DigitsDiffusionModule(pl.LightningModule):
         eval_classifier_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
-        from diffusers import DDPMScheduler, UNet2DModel
+        from diffusers import DDPMScheduler
 
-        if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
-            raise ValueError("down_block_types, up_block_types and block_out_channels must have equal lengths")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        check_unet_options(block_out_channels, down_block_types, up_block_types, ema_decay)
         self.save_hyperparameters()
-        self.unet = UNet2DModel(
-            sample_size=resolution, in_channels=in_channels, out_channels=in_channels,
-            block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-            down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),
-            norm_num_groups=norm_num_groups, attention_head_dim=attention_head_dim, dropout=dropout,
-        )
-        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        self._init_unets()
         self.noise_scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
             beta_end=beta_end, prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0,
         )
+
+    def _init_unets(self) -> None:
+        """The trained UNet and its EMA copy from the hyperparameters, and a fresh run state
+        (shared with the flow module, which trains the same network)."""
+        from diffusers import UNet2DModel
+
+        hp = self.hparams
+        self.unet = UNet2DModel(
+            sample_size=hp.resolution, in_channels=hp.in_channels, out_channels=hp.in_channels,
+            block_out_channels=tuple(hp.block_out_channels), layers_per_block=hp.layers_per_block,
+            down_block_types=tuple(hp.down_block_types), up_block_types=tuple(hp.up_block_types),
+            norm_num_groups=hp.norm_num_groups, attention_head_dim=hp.attention_head_dim, dropout=hp.dropout,
+        )
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
         self._ema_updates = 0
         self._loss_avg: Optional[float] = None
         self._train_seconds: Optional[float] = None

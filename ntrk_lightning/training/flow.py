@@ -9,7 +9,6 @@ scheduler hands the denoiser at sampling time.
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ntrk_lightning.training.diffusion import DigitsDiffusionModule, _plain_config
+from ntrk_lightning.training.diffusion import DigitsDiffusionModule, _plain_config, check_unet_options
 
 TimeSampling = Literal["uniform", "logit_normal"]
 
@@ -95,12 +94,9 @@ class DigitsFlowModule(DigitsDiffusionModule):
         # The parent's __init__ builds a DDPM noise scheduler and records DDPM hyperparameters; this
         # module shares its EMA/optimiser/export methods only, so it initialises the Lightning base.
         pl.LightningModule.__init__(self)
-        from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
-        if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
-            raise ValueError("down_block_types, up_block_types and block_out_channels must have equal lengths")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        check_unet_options(block_out_channels, down_block_types, up_block_types, ema_decay)
         if time_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"time_sampling must be 'uniform' or 'logit_normal', got {time_sampling!r}")
         if not shift > 0:
@@ -110,20 +106,10 @@ class DigitsFlowModule(DigitsDiffusionModule):
         if not 0.0 <= eval_eta <= 1.0:
             raise ValueError(f"eval_eta must be in [0, 1], got {eval_eta}")
         self.save_hyperparameters()
-        self.unet = UNet2DModel(
-            sample_size=resolution, in_channels=in_channels, out_channels=in_channels,
-            block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-            down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),
-            norm_num_groups=norm_num_groups, attention_head_dim=attention_head_dim, dropout=dropout,
-        )
-        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        self._init_unets()
         # Sampling-time schedule exported with the weights (training draws s continuously).
         self.noise_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps,
                                                                shift=shift)
-        self._ema_updates = 0
-        self._loss_avg: Optional[float] = None
-        self._train_seconds: Optional[float] = None
-        self._t0: Optional[float] = None
 
     def setup(self, stage: str) -> None:
         # Part of the recipe: float reductions depend on the thread count, so bit-identical
