@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from torch import Tensor
 
 from ntrk_lightning.backbones.base import Backbone
 from ntrk_lightning.backbones.digits_unet import UNetEps, weights_dir

@@ -25,7 +25,6 @@ proposal.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional
 

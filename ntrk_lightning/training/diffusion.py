@@ -19,6 +19,12 @@ from torch import Tensor
 from ntrk_lightning.training import export as ex
 
 
+#: running loss average (progress bar, card): avg <- DECAY * avg + NEW * loss
+LOSS_AVG_DECAY, LOSS_AVG_NEW = 0.98, 0.02
+#: EMA warm-up: the decay after n updates is min(ema_decay, (1 + n) / (EMA_WARMUP + n))
+EMA_WARMUP = 10.0
+
+
 def _plain_config(cfg: Any) -> dict[str, Any]:
     return ex.jsonable({k: v for k, v in dict(cfg).items() if not str(k).startswith("_")})
 
@@ -118,14 +124,14 @@ class DigitsDiffusionModule(pl.LightningModule):
         x_t = self.noise_scheduler.add_noise(x0, noise, t)
         loss = F.mse_loss(self(x_t, t), noise)
         v = float(loss.detach())
-        self._loss_avg = v if self._loss_avg is None else 0.98 * self._loss_avg + 0.02 * v
+        self._loss_avg = v if self._loss_avg is None else LOSS_AVG_DECAY * self._loss_avg + LOSS_AVG_NEW * v
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/loss_avg", self._loss_avg, prog_bar=False, on_step=True, on_epoch=False)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         n = self._ema_updates
-        decay = min(self.hparams.ema_decay, (1.0 + n) / (10.0 + n))
+        decay = min(self.hparams.ema_decay, (1.0 + n) / (EMA_WARMUP + n))
         with torch.no_grad():
             for pe, p in zip(self.ema_unet.parameters(), self.unet.parameters()):
                 pe.lerp_(p.detach(), 1.0 - decay)

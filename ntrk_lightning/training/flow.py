@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ntrk_lightning.training.diffusion import DigitsDiffusionModule, _plain_config, check_unet_options
+from ntrk_lightning.training.diffusion import (LOSS_AVG_DECAY, LOSS_AVG_NEW, DigitsDiffusionModule, _plain_config,
+                                              check_unet_options)
 
 TimeSampling = Literal["uniform", "logit_normal"]
 
@@ -127,7 +128,7 @@ class DigitsFlowModule(DigitsDiffusionModule):
         x_s = (1.0 - s_) * x0 + s_ * noise
         loss = F.mse_loss(self(x_s, s * hp.num_train_timesteps), noise - x0)
         v = float(loss.detach())
-        self._loss_avg = v if self._loss_avg is None else 0.98 * self._loss_avg + 0.02 * v
+        self._loss_avg = v if self._loss_avg is None else LOSS_AVG_DECAY * self._loss_avg + LOSS_AVG_NEW * v
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/loss_avg", self._loss_avg, prog_bar=False, on_step=True, on_epoch=False)
         return loss
