@@ -43,12 +43,19 @@ def weights_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "weights"
 
 
-def _files(name: str, root: Optional[PathLike]) -> tuple[Path, Path]:
-    if name not in SHIPPED_MODELS:
-        raise ValueError(f"unknown digits model {name!r}; available: {sorted(SHIPPED_MODELS)}")
-    w, c = SHIPPED_MODELS[name]
+def shipped_files(table: dict[str, tuple[str, str]], name: str, root: Optional[PathLike],
+                  what: str) -> tuple[Path, Path]:
+    """(weights file, config file) of the shipped model ``name`` of ``table`` in ``root`` (default:
+    the package's weights folder); an unknown name is a ValueError listing the known ones."""
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; available: {sorted(table)}")
+    w, c = table[name]
     base = Path(root) if root is not None else weights_dir()
     return base / w, base / c
+
+
+def _files(name: str, root: Optional[PathLike]) -> tuple[Path, Path]:
+    return shipped_files(SHIPPED_MODELS, name, root, "digits model")
 
 
 def load_config(name: str = "digits16", root: Optional[PathLike] = None) -> dict[str, Any]:
@@ -88,22 +95,28 @@ def make_scheduler(name: str = "digits16", root: Optional[PathLike] = None, **ov
 def load_unet(name: str = "digits16", device: Union[str, torch.device] = "cpu",
               root: Optional[PathLike] = None, dtype: torch.dtype = torch.float32):
     """The raw diffusers ``UNet2DModel`` (eval mode, parameters frozen, ``dtype``)."""
+    w_path, c_path = _files(name, root)
+    return unet_from_files(w_path, c_path, load_config(name, root)["unet"], "digits UNet", _RETRAIN_HINT, device, dtype)
+
+
+def unet_from_files(w_path: Path, c_path: Path, unet_config: dict[str, Any], what: str, hint: str,
+                    device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32):
+    """A ``UNet2DModel`` built from ``unet_config`` (read from ``c_path``) with the weights of the
+    safetensors file ``w_path`` (any float type on disk), in eval mode with frozen parameters. A
+    missing, unreadable or mismatched file is one clear error naming it, with ``hint``."""
     from diffusers import UNet2DModel
 
     from ntrk_lightning.fileio import WeightsFileError, load_safetensors
 
-    w_path, _ = _files(name, root)
-    cfg = load_config(name, root)
     if not w_path.is_file():
-        raise FileNotFoundError(f"digits UNet weights not found: {w_path}. {_RETRAIN_HINT}")
-    unet = UNet2DModel.from_config(cfg["unet"])
-    state = {k: v.to(torch.float32) for k, v in
-             load_safetensors(w_path, _RETRAIN_HINT, "digits UNet weights file").items()}
+        raise FileNotFoundError(f"{what} weights not found: {w_path}. {hint}")
+    unet = UNet2DModel.from_config(unet_config)
+    state = {k: v.to(torch.float32) for k, v in load_safetensors(w_path, hint, f"{what} weights file").items()}
     try:
         unet.load_state_dict(state)
     except RuntimeError as e:  # wrong tensor names or shapes: another model's file
-        raise WeightsFileError(f"digits UNet weights file {w_path} does not fit the config "
-                               f"{_files(name, root)[1]} ({str(e).splitlines()[0]}). {_RETRAIN_HINT}") from None
+        raise WeightsFileError(f"{what} weights file {w_path} does not fit the config "
+                               f"{c_path} ({str(e).splitlines()[0]}). {hint}") from None
     # a dtype argument makes diffusers warn about fp32 modules even when there is nothing to cast
     unet.to(device=device) if dtype == torch.float32 else unet.to(device=device, dtype=dtype)
     unet.eval()

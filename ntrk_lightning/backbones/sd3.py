@@ -311,13 +311,13 @@ class SD3Backbone(FlowMatchingBackbone):
         negative_prompt: the unconditional branch's prompt (default ``""``, encoded).
         use_t5: read the T5 encoder (``None``: when the folder has one). Without it the T5 part of
             the prompt embeddings is zeros, as in diffusers (quality drops on long prompts).
-        height, width: image size (default: the transformer's ``sample_size`` x 8, 1024 for
-            SD3-medium); multiples of 16.
-        max_sequence_length: T5 tokens (SD3's pipeline default 256).
-        dtype, weights_dtype, vae_dtype, vae_batch_size, gradient_checkpointing, variant,
-        scheduler_overrides, revision, cache_dir, name: as in
-        :class:`~ntrk_lightning.backbones.stable_diffusion.StableDiffusionBackbone`
-        (``dtype="auto"`` is bfloat16 on CUDA here).
+        options: the options of :class:`FlowMatchingBackbone` — height, width (default: the
+            transformer's ``sample_size`` x 8, 1024 for SD3-medium; multiples of 16),
+            max_sequence_length (T5 tokens, SD3's pipeline default 256), dtype, weights_dtype,
+            vae_dtype, vae_batch_size, gradient_checkpointing, variant, scheduler_overrides,
+            revision, cache_dir, name: as in
+            :class:`~ntrk_lightning.backbones.stable_diffusion.StableDiffusionBackbone`
+            (``dtype="auto"`` is bfloat16 on CUDA here).
     """
 
     components = SD3_COMPONENTS
@@ -325,18 +325,9 @@ class SD3Backbone(FlowMatchingBackbone):
     _hint_repo = "stabilityai/stable-diffusion-3-medium-diffusers"
 
     def __init__(self, model: str, guidance_scale: float = 7.0, negative_prompt: Optional[str] = None,
-                 use_t5: Optional[bool] = None, height: Optional[int] = None, width: Optional[int] = None,
-                 dtype: DTypeName = "auto", weights_dtype: WeightsDType = "float32", vae_dtype: DTypeName = "auto",
-                 vae_batch_size: Optional[int] = None, gradient_checkpointing: bool = False,
-                 variant: Optional[str] = None, max_sequence_length: int = 256,
-                 scheduler_overrides: Optional[dict[str, Any]] = None, revision: Optional[str] = None,
-                 cache_dir: Optional[str] = None, name: Optional[str] = None) -> None:
+                 use_t5: Optional[bool] = None, **options: Any) -> None:
         self._use_t5_arg = use_t5
-        super().__init__(model, height=height, width=width, dtype=dtype, weights_dtype=weights_dtype,
-                         vae_dtype=vae_dtype, vae_batch_size=vae_batch_size,
-                         gradient_checkpointing=gradient_checkpointing, variant=variant,
-                         max_sequence_length=max_sequence_length, scheduler_overrides=scheduler_overrides,
-                         revision=revision, cache_dir=cache_dir, name=name)
+        super().__init__(model, **options)
         self.guidance_scale = checked_guidance_scale(guidance_scale)
         max_grid = self.transformer_config.get("pos_embed_max_size")
         if max_grid:  # SD3 crops a fixed grid of position embeddings: larger images cannot run

@@ -252,16 +252,23 @@ class DigitsDiffusionModule(pl.LightningModule):
             cdir = shipped_weights_dir()
         return cdir, load_shipped_classifier("reward", weights_dir=cdir), load_shipped_classifier("judge", weights_dir=cdir)
 
-    def _evaluate_export(self, out: Path) -> dict[str, Any]:
+    def _load_exported(self, out: Path) -> tuple[Any, Any]:
+        """(DiffusionModel, scheduler) read back from the exported files in ``out``."""
         from ntrk_lightning.backbones.digits_unet import load_digits_unet, make_scheduler
+
+        return load_digits_unet(self.hparams.model_name, root=out), make_scheduler(self.hparams.model_name, root=out)
+
+    def _evaluate_export(self, out: Path) -> dict[str, Any]:
+        """Quality of what ships (the exported file, float16 round trip included): plain samples
+        of the library's sampler against real digits, and the held-out judge's statistics."""
         from ntrk_lightning.training.quality import evaluate_digits_model
         from rewards.digits import DigitFeatures
 
         hp = self.hparams
         cdir, reward_net, judge = self._eval_classifiers(out)
-        model = load_digits_unet(hp.model_name, root=out)  # what ships, float16 round trip included
-        q = evaluate_digits_model(model, make_scheduler(hp.model_name, root=out), DigitFeatures(reward_net),
-                                  judge, reward_net, n=hp.eval_samples, num_steps=hp.eval_steps,
+        model, scheduler = self._load_exported(out)
+        q = evaluate_digits_model(model, scheduler, DigitFeatures(reward_net), judge, reward_net,
+                                  n=hp.eval_samples, num_steps=hp.eval_steps, eta=hp.get("eval_eta", 1.0),
                                   seed=hp.eval_seed)
         q["classifiers_from"] = str(cdir)
         return q

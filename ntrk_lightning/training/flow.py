@@ -158,16 +158,7 @@ class DigitsFlowModule(DigitsDiffusionModule):
                 "ntrk_lightning.sample.",
                 "UNet2DModel + FlowMatchEulerDiscreteScheduler configs")
 
-    def _evaluate_export(self, out: Path) -> dict[str, Any]:
+    def _load_exported(self, out: Path) -> tuple[Any, Any]:
         from ntrk_lightning.backbones.digits_flow import load_digits_flow, make_scheduler
-        from ntrk_lightning.training.quality import evaluate_digits_model
-        from rewards.digits import DigitFeatures
 
-        hp = self.hparams
-        cdir, reward_net, judge = self._eval_classifiers(out)
-        model = load_digits_flow(hp.model_name, root=out)  # what ships, float16 round trip included
-        q = evaluate_digits_model(model, make_scheduler(hp.model_name, root=out), DigitFeatures(reward_net),
-                                  judge, reward_net, n=hp.eval_samples, num_steps=hp.eval_steps,
-                                  eta=hp.eval_eta, seed=hp.eval_seed)
-        q["classifiers_from"] = str(cdir)
-        return q
+        return load_digits_flow(self.hparams.model_name, root=out), make_scheduler(self.hparams.model_name, root=out)
