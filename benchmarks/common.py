@@ -57,7 +57,7 @@ class Testbed:
 
 def gmm_testbed() -> Testbed:
     from ntrk_lightning.backbones.gmm import load_digits_gmm
-    from ntrk_lightning.training.classifier import cached_classifier
+    from ntrk_lightning.training.classifier_loop import cached_classifier
     from rewards.digits import ClassLogitReward
 
     model, gmm, sch = load_digits_gmm()
