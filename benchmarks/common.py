@@ -61,7 +61,8 @@ class Testbed:
 
 def gmm_testbed() -> Testbed:
     from ntrk_lightning.backbones.gmm import load_digits_gmm
-    from rewards.digits import ClassLogitReward, cached_classifier
+    from ntrk_lightning.training.classifier_loop import cached_classifier
+    from rewards.digits import ClassLogitReward
 
     model, gmm, sch = load_digits_gmm()
     clf, _ = cached_classifier("conv", 8, 0)
@@ -86,9 +87,9 @@ def gmm_testbed() -> Testbed:
 def digits_testbed(flow: bool = False) -> Testbed:
     """The shipped digits16 DDPM UNet, or with ``flow=True`` the shipped rectified-flow UNet
     ``digits_flow`` (same size, same data); reward, judge and feature space are shared."""
-    from ntrk_lightning.backbones.digits_unet import DigitFeatures, load_digits_unet, make_scheduler
-    from ntrk_lightning.training.quality import real_images
-    from rewards.digits import ClassLogitReward, load_shipped_classifier
+    from ntrk_lightning.backbones.digits_unet import load_digits_unet, make_scheduler
+    from ntrk_lightning.data.digits import real_images
+    from rewards.digits import ClassLogitReward, DigitFeatures, load_shipped_classifier
 
     if flow:
         from ntrk_lightning.backbones import digits_flow

@@ -5,8 +5,8 @@
     python benchmarks/flow_step_time.py --model flux --path /models/FLUX.1-dev --head ... --clip-weights ...
     python benchmarks/flow_step_time.py --model flux --tiny --device cpu   # seconds on a CPU: same code path
 
-Mirrors ``benchmarks/sd_step_time.py`` (whose timing, reward and output helpers it reuses): the
-three samplers run side by side in one process on the same backbone, reward, prompts and seeds —
+Mirrors ``benchmarks/sd_step_time.py`` (both take their timing, reward and output helpers from
+``benchmarks/step_time.py``): the three samplers run side by side in one process on the same backbone, reward, prompts and seeds —
 ``plain`` (no reward gradient), ``dps`` and ``ntrk`` (one reward gradient per step through the
 transformer, the VAE decoder and the reward) — on the core's stochastic flow step.
 
@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -48,7 +46,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from benchmarks.sd_step_time import clip_tokenizer, device_tag, measure, write_random_reward  # noqa: E402
+from benchmarks.step_time import (add_common_arguments, clip_tokenizer, cpu_name, device_and_dtype,  # noqa: E402
+                                  device_tag, load_on_device, reward_files, t5_tokenizer, time_samplers,
+                                  write_outputs)
 
 # ---- real shapes -------------------------------------------------------------------------------
 FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -86,16 +86,6 @@ TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_
 TINY_T5 = dict(d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=4)
 
 
-def t5_tokenizer(model_max_length: int = 512) -> Any:
-    """A small Unigram T5 tokenizer (T5's special ids, a few words, letters as fallback), offline."""
-    from transformers import T5Tokenizer
-
-    words = "a an the of photo cat dog horse monkey fox".split()
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + w, -3.0) for w in words] + [(c, -10.0) for c in "abcdefghijklmnopqrstuvwxyz"]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
-
-
 def _clip_text(shape: dict, with_projection: bool) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -113,19 +103,6 @@ def _t5(shape: dict) -> Any:
 
 def _stored(module: Any, dtype: torch.dtype) -> Any:
     return module if dtype == torch.float32 else module.to(dtype)
-
-
-def cpu_name() -> str:
-    """The CPU model and core count (``/proc/cpuinfo`` where there is one)."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def write_random_pipeline(folder: Path, model: str, tiny: bool, device: torch.device, seed: int = 0) -> Path:
@@ -162,72 +139,67 @@ def write_random_pipeline(folder: Path, model: str, tiny: bool, device: torch.de
     return folder
 
 
-def write_outputs(out: Path, result: dict[str, Any]) -> tuple[Path, Path]:
-    from ntrk_lightning.fileio import atomic_write
-
-    stem = f"flow_step_time_{result['config']['model']}_{result['device_tag']}"
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    cfg = result["config"]
-    shapes = "tiny shapes" if cfg["tiny"] else {"flux": "FLUX.1-dev shapes", "sd3": "SD3-medium shapes"}[cfg["model"]]
-    lines = [f"# Flow step time ({cfg['model']}): {result['device']}", "",
-             f"{shapes} ({'real' if cfg['path'] else 'random'} weights), {cfg['height']}x{cfg['width']}, batch "
-             f"{cfg['batch']}, {cfg['steps']} steps, backbone dtype {cfg['dtype']} (weights {cfg['weights_dtype']}), "
-             f"reward dtype {cfg['reward_dtype']}, gradient checkpointing {cfg['gradient_checkpointing']}; "
-             f"torch {result['torch']}, diffusers {result['diffusers']}.", "",
-             "| sampler | ms / step | ms / step / image | NFE / image | reward grads / image | peak memory (GiB) |",
-             "|---|---|---|---|---|---|"]
-    for name, r in result["samplers"].items():
-        mem = "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
-        lines.append(f"| {name} | {r['ms_per_step']:.1f} | {r['ms_per_step_per_image']:.1f} | {r['nfe_per_sample']:.0f} "
-                     f"| {r['grad_evals_per_sample']:.0f} | {mem} |")
-    lines += ["", "Per-step time = best wall time of `ntrk_lightning.sample` over the repeats / steps (final decode "
-              "and reward included); peak memory = `torch.cuda.max_memory_allocated` over the timed runs.", ""]
-
-    def _json(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
-
-    def _md(tmp: str) -> None:
-        Path(tmp).write_text("\n".join(lines))
-
-    atomic_write(json_path, _json)
-    atomic_write(md_path, _md)
-    return json_path, md_path
-
-
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["flux", "sd3"], default="flux")
     p.add_argument("--path", default=None, help="a real diffusers folder (FLUX.1-dev / SD3) instead of random weights")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run in seconds)")
-    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--size", type=int, default=None, help="image size (default 1024; tiny: 32)")
-    p.add_argument("--steps", type=int, default=None, help="steps per timed run (default 6; tiny: 3)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
-                   help="backbone and reward compute dtype (default bfloat16 on CUDA, float32 on CPU)")
+    add_common_arguments(p, batch=2, size=1024, steps=6, cuda_dtype="bfloat16")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                    help="keep every activation of the reward backward (default: checkpointing on, as the configs)")
     p.add_argument("--guidance-scale", type=float, default=None, help="default: FLUX 3.5, SD3 7.0")
-    p.add_argument("--ntrk-gamma", type=float, default=1.0)
-    p.add_argument("--dps-scale", type=float, default=0.1)
-    p.add_argument("--head", default=None, help="a real aesthetic head file (with --clip-weights)")
-    p.add_argument("--clip-weights", default=None)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--tmp", default=None, help="folder for the random-weight pipeline (default: the system temp)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def make_backbone(args: argparse.Namespace, folder: Path, size: int, dtype: str, weights_dtype: str) -> Any:
+    """The FLUX or SD3 backbone on ``folder``, with the benchmark's size, precision and slicing."""
     from ntrk_lightning.backbones import FluxBackbone, SD3Backbone
-    from ntrk_lightning.samplers import DPS, NTRK, Plain
-    from rewards.aesthetic import LAIONAestheticReward
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    common = dict(height=size, width=size, dtype=dtype, weights_dtype=weights_dtype, vae_batch_size=1,
+                  gradient_checkpointing=args.gradient_checkpointing)
+    if args.model == "flux":
+        return FluxBackbone(str(folder), guidance_scale=args.guidance_scale or 3.5, max_sequence_length=512,
+                            **common)
+    return SD3Backbone(str(folder), guidance_scale=args.guidance_scale or 7.0, max_sequence_length=256, **common)
+
+
+def save_result(args: argparse.Namespace, backbone: Any, device: torch.device, dtype: str, weights_dtype: str,
+                size: int, steps: int, seconds: dict[str, float], results: dict[str, Any]) -> dict[str, Any]:
+    """The result record, written as ``flow_step_time_<model>_<device>.json`` and ``.md``."""
+    import diffusers
+
+    n_params = sum(p.numel() for p in backbone.transformer.parameters())
+    result = {
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU ({cpu_name()}; {torch.get_num_threads()} threads), no GPU"),
+        "device_tag": device_tag(device, args.tiny),
+        "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "config": {"model": args.model, "tiny": args.tiny, "path": args.path, "height": size, "width": size,
+                   "batch": args.batch, "steps": steps, "warmup": args.warmup, "repeats": args.repeats,
+                   "dtype": dtype, "weights_dtype": weights_dtype, "reward_dtype": dtype,
+                   "gradient_checkpointing": args.gradient_checkpointing,
+                   "latent_shape": list(backbone.sample_shape), "transformer_parameters": n_params,
+                   "scheduler_shift": float(backbone.make_scheduler().config.shift),
+                   "threads": torch.get_num_threads()},
+        **seconds,
+        "samplers": results,
+    }
+    cfg = result["config"]
+    shapes = "tiny shapes" if cfg["tiny"] else {"flux": "FLUX.1-dev shapes", "sd3": "SD3-medium shapes"}[cfg["model"]]
+    description = (f"{shapes} ({'real' if cfg['path'] else 'random'} weights), {cfg['height']}x{cfg['width']}, batch "
+                   f"{cfg['batch']}, {cfg['steps']} steps, backbone dtype {cfg['dtype']} (weights "
+                   f"{cfg['weights_dtype']}), reward dtype {cfg['reward_dtype']}, gradient checkpointing "
+                   f"{cfg['gradient_checkpointing']}; torch {result['torch']}, diffusers {result['diffusers']}.")
+    json_path, md_path = write_outputs(Path(args.out), f"flow_step_time_{cfg['model']}_{result['device_tag']}", result,
+                                       f"Flow step time ({cfg['model']}): {result['device']}", description)
+    print(f"wrote {json_path} and {md_path}")
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device, dtype = device_and_dtype(args, "bfloat16")
     weights_dtype = "float32" if args.tiny or dtype == "float32" else dtype
     size = args.size or (32 if args.tiny else 1024)
     steps = args.steps or (3 if args.tiny else 6)
@@ -235,59 +207,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     try:
         t0 = time.perf_counter()
         folder = Path(args.path) if args.path else write_random_pipeline(tmp / args.model, args.model, args.tiny, device)
-        if args.head and args.clip_weights:
-            head, clip_weights, clip_model = Path(args.head), Path(args.clip_weights), "ViT-L-14-quickgelu"
-        else:
-            head, clip_weights, clip_model = write_random_reward(tmp / "reward", args.tiny)
+        files = reward_files(args, tmp)
         build_s = time.perf_counter() - t0
-        common = dict(height=size, width=size, dtype=dtype, weights_dtype=weights_dtype, vae_batch_size=1,
-                      gradient_checkpointing=args.gradient_checkpointing)
-        if args.model == "flux":
-            backbone: Any = FluxBackbone(str(folder), guidance_scale=args.guidance_scale or 3.5,
-                                         max_sequence_length=512, **common)
-        else:
-            backbone = SD3Backbone(str(folder), guidance_scale=args.guidance_scale or 7.0, max_sequence_length=256,
-                                   **common)
-        reward = LAIONAestheticReward(head=str(head), clip_weights=str(clip_weights), clip_model=clip_model,
-                                      dtype=dtype)
-        backbone.load()
-        reward.load()
-        backbone.to(device)
-        reward.to(device)
+        backbone = make_backbone(args, folder, size, dtype, weights_dtype)
+        reward = load_on_device(backbone, files, dtype, device)
         load_s = time.perf_counter() - t0 - build_s
-        model, scheduler = backbone.model(), backbone.make_scheduler()
-        prompts = [f"a photo of a {a}" for a in ("cat", "dog", "horse", "monkey")]
-        prompts = [prompts[i % len(prompts)] for i in range(args.batch)]
-        cond = backbone.conditioning(prompts)
-        seeds = list(range(args.batch))
-        samplers = {"plain": Plain(), "dps": DPS(scale=args.dps_scale), "ntrk": NTRK(mode="tilt", gamma=args.ntrk_gamma)}
-        results = {}
-        for name, spec in samplers.items():
-            results[name] = measure(model, scheduler, reward, spec, steps, seeds, cond, prompts, device,
-                                    args.warmup, args.repeats)
-            mem = results[name]["peak_memory_gib"]
-            print(f"{name}: {results[name]['ms_per_step']:.1f} ms/step, peak "
-                  f"{'n/a' if mem is None else f'{mem:.2f}'} GiB", flush=True)
-        import diffusers
-
-        n_params = sum(p.numel() for p in backbone.transformer.parameters())
-        result = {
-            "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                       else f"CPU ({cpu_name()}; {torch.get_num_threads()} threads), no GPU"),
-            "device_tag": device_tag(device, args.tiny),
-            "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "config": {"model": args.model, "tiny": args.tiny, "path": args.path, "height": size, "width": size,
-                       "batch": args.batch, "steps": steps, "warmup": args.warmup, "repeats": args.repeats,
-                       "dtype": dtype, "weights_dtype": weights_dtype, "reward_dtype": dtype,
-                       "gradient_checkpointing": args.gradient_checkpointing,
-                       "latent_shape": list(backbone.sample_shape), "transformer_parameters": n_params,
-                       "scheduler_shift": float(scheduler.config.shift), "threads": torch.get_num_threads()},
-            "setup_seconds": build_s, "load_seconds": load_s,
-            "samplers": results,
-        }
-        json_path, md_path = write_outputs(Path(args.out), result)
-        print(f"wrote {json_path} and {md_path}")
-        return result
+        results = time_samplers(backbone, reward, args, steps, device)
+        return save_result(args, backbone, device, dtype, weights_dtype, size, steps,
+                           {"setup_seconds": build_s, "load_seconds": load_s}, results)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

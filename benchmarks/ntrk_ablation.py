@@ -103,12 +103,6 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rewrite_markdown(out: str) -> None:
-    """Regenerate the Markdown from the stored JSON (no sampling)."""
-    data = json.loads(Path(f"{out}.json").read_text())
-    write_text(f"{out}.md", markdown(data["results"], data["machine"]))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--testbed", nargs="+", default=["gmm", "digits"], choices=["gmm", "digits"])

@@ -132,7 +132,7 @@ def build_feature(spec: Union[str, nn.Module] = "inception", weights_path: Optio
         module: nn.Module = InceptionFeatures(weights_path)
         name = "inception"
     elif name.lower() == "digits":
-        from ntrk_lightning.backbones.digits_unet import DigitFeatures
+        from rewards.digits import DigitFeatures
 
         module = DigitFeatures()
         name = "digits"

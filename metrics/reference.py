@@ -133,7 +133,7 @@ def _digits_source(m: "re.Match[str]") -> tuple[int, Optional[int], str]:
 
 
 def _digit_batches(resolution: int, batch_size: int, cls: Optional[int] = None) -> Iterable[Tensor]:
-    from ntrk_lightning.training.quality import real_images
+    from ntrk_lightning.data.digits import real_images
 
     x, y = real_images(resolution)
     if cls is not None:

@@ -63,20 +63,63 @@ def sample(
         SampleResult with ``samples`` (model space), ``images``, ``rewards``, ``nfe`` and
         ``grad_evals`` per sample, ``seconds`` and ``nan_fallbacks``.
     """
+    sampler = _checked_sampler(sampler)
+    eps_fn, decode, sample_shape = _unpack_model(denoiser, decode)
+    if int(num_steps) < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    seeds, shape = _seeds_and_shape(seed, shape, sample_shape)
+    if sampler.needs_reward and reward is None:
+        raise ValueError(f"sampler {sampler.name!r} needs a reward function")
+    if prompts is not None and len(prompts) != shape[0]:
+        raise ValueError(f"{len(prompts)} prompts for a batch of {shape[0]}")
+    check_scheduler(scheduler)
+    device = _device_of(eps_fn) if device is None else torch.device(device)
+
+    counting = CountingDenoiser(eps_fn)
+    k = sampler.rows_per_sample()
+    noise = NoiseSource(seeds, shape[1:], device, dtype)
+    ctx = SamplingContext(counting, copy.deepcopy(scheduler), reward, decode, num_steps,
+                          noise if k == 1 else noise.spawn(k), cond=cond, prompts=prompts,
+                          eta=sampler.step_eta(), batch_size=shape[0], callback=callback)
+    start = time.perf_counter()
+    x0 = sampler.run(ctx, ctx.initial_noise())
+    images, rewards = ctx.final(x0, torch.arange(shape[0]))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return SampleResult(
+        samples=x0.detach(), images=images.detach(), rewards=rewards.detach(),
+        nfe=counting.forward_rows / shape[0], grad_evals=counting.backward_rows / shape[0],
+        seconds=seconds, nan_fallbacks=ctx.nan_fallbacks, sampler=sampler.name,
+        nan_fallbacks_per_sample=ctx.nan_per_sample.clone(),
+        extras=ctx.extras,
+    )
+
+
+def _checked_sampler(sampler: Optional[Sampler]) -> Sampler:
+    """The sampler spec (default ``NTRK()``), validated before any model work."""
     sampler = NTRK() if sampler is None else sampler
     if not isinstance(sampler, Sampler):
         raise TypeError(f"sampler must be a Sampler spec (e.g. NTRK(...)), got {type(sampler).__name__}")
     sampler.validate()
+    return sampler
+
+
+Decode = Callable[[Tensor], Tensor]
+
+
+def _unpack_model(denoiser: Union[Callable[..., Tensor], DiffusionModel],
+                  decode: Optional[Decode]) -> tuple[Callable[..., Tensor], Decode, tuple]:
+    """(network callable, decode, per-sample shape or ``()``): a DiffusionModel brings its own decode
+    and shape; an explicit ``decode`` wins; a bare callable decodes with ``identity_decode``."""
     if isinstance(denoiser, DiffusionModel):
-        decode = decode or denoiser.decode
-        sample_shape = tuple(denoiser.sample_shape)
-        eps_fn = denoiser.denoiser
-    else:
-        sample_shape = ()
-        eps_fn = denoiser
-    decode = decode or identity_decode
-    if int(num_steps) < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        return denoiser.denoiser, decode or denoiser.decode or identity_decode, tuple(denoiser.sample_shape)
+    return denoiser, decode or identity_decode, ()
+
+
+def _seeds_and_shape(seed: Union[int, Sequence[int]], shape: Optional[Sequence[int]],
+                     sample_shape: tuple) -> tuple[list[int], tuple[int, ...]]:
+    """One seed per sample and the full batch shape, from whichever of the two the caller gave."""
     if isinstance(seed, int):
         if shape is None:
             raise ValueError("give shape=(B, ...) or one seed per sample")
@@ -92,34 +135,11 @@ def sample(
         raise ValueError(f"shape has batch {shape[0]} but {len(seeds)} seeds were given")
     if shape[0] < 1:
         raise ValueError("batch must hold at least one sample")
-    if sampler.needs_reward and reward is None:
-        raise ValueError(f"sampler {sampler.name!r} needs a reward function")
-    if prompts is not None and len(prompts) != shape[0]:
-        raise ValueError(f"{len(prompts)} prompts for a batch of {shape[0]}")
-    check_scheduler(scheduler)
-    if device is None:
-        params = getattr(eps_fn, "parameters", None)
-        first = next(params(), None) if callable(params) else None
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
+    return seeds, shape
 
-    counting = CountingDenoiser(eps_fn)
-    k = sampler.rows_per_sample()
-    noise = NoiseSource(seeds, shape[1:], device, dtype)
-    ctx = SamplingContext(counting, copy.deepcopy(scheduler), reward, decode, num_steps,
-                          noise if k == 1 else noise.spawn(k), cond=cond, prompts=prompts,
-                          eta=sampler.step_eta(), batch_size=shape[0], callback=callback)
-    start = time.perf_counter()
-    x0 = sampler.run(ctx, ctx.initial_noise())
-    rows = torch.arange(shape[0])
-    images, rewards = ctx.final(x0, rows)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    return SampleResult(
-        samples=x0.detach(), images=images.detach(), rewards=rewards.detach(),
-        nfe=counting.forward_rows / shape[0], grad_evals=counting.backward_rows / shape[0],
-        seconds=seconds, nan_fallbacks=ctx.nan_fallbacks, sampler=sampler.name,
-        nan_fallbacks_per_sample=ctx.nan_per_sample.clone(),
-        extras=ctx.extras,
-    )
+
+def _device_of(eps_fn: Callable[..., Tensor]) -> torch.device:
+    """The device of the network's first parameter; CPU for a parameter-free callable."""
+    params = getattr(eps_fn, "parameters", None)
+    first = next(params(), None) if callable(params) else None
+    return first.device if first is not None else torch.device("cpu")

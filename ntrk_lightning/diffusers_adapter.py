@@ -37,11 +37,23 @@ _FILE_OPTIONS = ("model", "vae", "variant", "revision", "cache_dir")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-class _FromPipeline:
-    """Mixin for the Stable Diffusion backbones: configs and modules from a loaded pipeline
-    instead of a folder (everything else, the adapters, guidance and decode, is the backbone's)."""
+class _OnPipeline:
+    """Mixin: a backbone built on a loaded pipeline instead of a folder. Its ``model`` option is
+    the pipeline's name; configs and modules come from the pipeline (everything else, the
+    adapters, guidance and decode, is the backbone's)."""
 
     _pipe: Any
+
+    def __init__(self, pipe: Any, **options: Any) -> None:
+        self._pipe = pipe
+        super().__init__(model=str(getattr(pipe, "name_or_path", None) or type(pipe).__name__), **options)
+
+    def _load_tokenizer(self, sub: str, cls: Any = None) -> Any:
+        return getattr(self._pipe, sub)
+
+
+class _FromPipeline(_OnPipeline):
+    """The Stable Diffusion backbones' configs and modules from a loaded pipeline."""
 
     def _locate(self, model: str, vae: Optional[str], variant: Optional[str], revision: Optional[str],
                 cache_dir: Optional[str]) -> None:
@@ -56,30 +68,17 @@ class _FromPipeline:
     def _from_pretrained(self, cls: Any, sub: str, folder: Optional[Path] = None, **kw: Any) -> Any:
         return getattr(self._pipe, sub)  # the pipeline's own module: shared, never copied
 
-    def _load_tokenizer(self, sub: str) -> Any:
-        return getattr(self._pipe, sub)
-
 
 class PipelineStableDiffusionBackbone(_FromPipeline, StableDiffusionBackbone):
     """:class:`StableDiffusionBackbone` on a loaded ``StableDiffusionPipeline``."""
-
-    def __init__(self, pipe: Any, **options: Any) -> None:
-        self._pipe = pipe
-        super().__init__(model=str(getattr(pipe, "name_or_path", None) or type(pipe).__name__), **options)
 
 
 class PipelineStableDiffusionXLBackbone(_FromPipeline, StableDiffusionXLBackbone):
     """:class:`StableDiffusionXLBackbone` on a loaded ``StableDiffusionXLPipeline``."""
 
-    def __init__(self, pipe: Any, **options: Any) -> None:
-        self._pipe = pipe
-        super().__init__(model=str(getattr(pipe, "name_or_path", None) or type(pipe).__name__), **options)
 
-
-class _FlowFromPipeline:
+class _FlowFromPipeline(_OnPipeline):
     """The same for the flow-matching backbones (SD3, FLUX): a ``transformer`` instead of a UNet."""
-
-    _pipe: Any
 
     def _locate(self, model: str, variant: Optional[str], revision: Optional[str], cache_dir: Optional[str]) -> None:
         pipe = self._pipe
@@ -93,24 +92,13 @@ class _FlowFromPipeline:
     def _from_pretrained(self, cls: Any, sub: str, **kw: Any) -> Any:
         return getattr(self._pipe, sub)
 
-    def _load_tokenizer(self, sub: str, cls: Any = None) -> Any:
-        return getattr(self._pipe, sub)
-
 
 class PipelineSD3Backbone(_FlowFromPipeline, SD3Backbone):
     """:class:`SD3Backbone` on a loaded ``StableDiffusion3Pipeline``."""
 
-    def __init__(self, pipe: Any, **options: Any) -> None:
-        self._pipe = pipe
-        super().__init__(model=str(getattr(pipe, "name_or_path", None) or type(pipe).__name__), **options)
-
 
 class PipelineFluxBackbone(_FlowFromPipeline, FluxBackbone):
     """:class:`FluxBackbone` on a loaded ``FluxPipeline``."""
-
-    def __init__(self, pipe: Any, **options: Any) -> None:
-        self._pipe = pipe
-        super().__init__(model=str(getattr(pipe, "name_or_path", None) or type(pipe).__name__), **options)
 
 
 def _sd_options(pipe: Any, options: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 
@@ -70,11 +69,3 @@ def is_differentiable(reward: Any) -> bool:
     """Whether a reward (a :class:`Reward` or any callable) can be differentiated; callables
     without the attribute are assumed differentiable."""
     return bool(getattr(reward, "differentiable", True))
-
-
-def device_of(module: nn.Module, default: torch.device | str = "cpu") -> torch.device:
-    p = next(module.parameters(), None)
-    if p is not None:
-        return p.device
-    b = next(module.buffers(), None)
-    return b.device if b is not None else torch.device(default)

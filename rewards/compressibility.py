@@ -21,11 +21,16 @@ from torch import Tensor
 from rewards.base import Reward
 
 
+BYTES_PER_KB = 1000.0
+#: 8-bit pixel levels: [0, 1] maps to 0..255
+MAX_LEVEL = 255.0
+
+
 def jpeg_sizes_kb(images: Tensor, quality: int = 95) -> Tensor:
     """Size in kB (1000 bytes) of each image (B, C, H, W) in [0, 1] saved as JPEG at ``quality``."""
     x = images.detach()
     if x.dtype != torch.uint8:
-        x = (x.float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+        x = (x.float().clamp(0.0, 1.0) * MAX_LEVEL).round().to(torch.uint8)
     x = x.cpu().numpy()
     sizes = []
     for img in x:
@@ -37,7 +42,7 @@ def jpeg_sizes_kb(images: Tensor, quality: int = 95) -> Tensor:
             raise ValueError(f"JPEG rewards need 1 or 3 channels, got {img.shape[0]}")
         buf = io.BytesIO()
         pil.save(buf, format="JPEG", quality=int(quality))
-        sizes.append(buf.tell() / 1000.0)
+        sizes.append(buf.tell() / BYTES_PER_KB)
     return torch.tensor(sizes, dtype=torch.float32, device=images.device)
 
 

@@ -7,15 +7,14 @@ Two independent architectures, so that a sampler cannot "win" by exploiting one 
   space for digits.
 * ``MLPClassifier`` — the held-out judge: a different architecture, trained with another seed,
   never used for guidance.
+* ``DigitFeatures`` — the reward network's 64-d penultimate layer as a feature extractor: the
+  "Inception" of FID and diversity for digits (``metrics.build_feature("digits")``).
 
 Both take images in [0, 1] of shape (B, 1, R, R), as every reward in this package does.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Literal, Optional
@@ -25,8 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ntrk_lightning.data.digits import NUM_CLASSES, digits, split_indices
-from ntrk_lightning.fileio import atomic_write, atomic_write_text, cache_dir
+from ntrk_lightning.data.digits import NUM_CLASSES
+from ntrk_lightning.fileio import load_safetensors, safetensors_metadata
+from rewards.base import Reward
 
 Arch = Literal["conv", "mlp"]
 
@@ -78,90 +78,6 @@ def build_classifier(arch: Arch, resolution: int) -> nn.Module:
     raise ValueError(f"unknown classifier arch {arch!r}; expected 'conv' or 'mlp'")
 
 
-def _augment(x: Tensor, g: torch.Generator, max_shift: int) -> Tensor:
-    """Random integer translations (zero = background padding) so the judges see slightly
-    off-centre digits as digits; generated samples are rarely pixel-aligned like the data."""
-    if max_shift == 0:
-        return x
-    pad = F.pad(x, (max_shift,) * 4, value=-1.0)
-    out = torch.empty_like(x)
-    shifts = torch.randint(0, 2 * max_shift + 1, (x.shape[0], 2), generator=g)
-    r = x.shape[-1]
-    for i, (dy, dx) in enumerate(shifts.tolist()):
-        out[i] = pad[i, :, dy : dy + r, dx : dx + r]
-    return out
-
-
-def train_classifier(
-    arch: Arch,
-    resolution: int,
-    seed: int,
-    epochs: int = 60,
-    batch_size: int = 128,
-    lr: float = 2e-3,
-    split_seed: int = 0,
-) -> tuple[nn.Module, dict]:
-    """Train on the digits training split; returns the model (eval mode) and test metrics.
-
-    Deterministic for a given seed on a given machine (CPU, fixed generator, no data-loader workers).
-    """
-    torch.manual_seed(seed)
-    x, y = digits(resolution)
-    train_idx, test_idx = split_indices(len(y), seed=split_seed)
-    model = build_classifier(arch, resolution)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    g = torch.Generator().manual_seed(seed)
-    max_shift = max(1, resolution // 8)
-    xt, yt = x[train_idx], y[train_idx]
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(yt), generator=g)
-        for start in range(0, len(perm), batch_size):
-            b = perm[start : start + batch_size]
-            xb = _augment(xt[b], g, max_shift)
-            loss = F.cross_entropy(model((xb + 1.0) * 0.5), yt[b], label_smoothing=0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
-    model.eval()
-    with torch.no_grad():
-        acc = (model((x[test_idx] + 1.0) * 0.5).argmax(1) == y[test_idx]).float().mean().item()
-    return model, {"test_accuracy": acc, "n_test": int(len(test_idx)), "arch": arch,
-                   "resolution": resolution, "seed": seed, "epochs": epochs}
-
-
-_MEMO: dict[str, tuple[nn.Module, dict]] = {}
-
-
-def cached_classifier(arch: Arch, resolution: int, seed: int, epochs: int = 60) -> tuple[nn.Module, dict]:
-    """``train_classifier`` memoised in memory and on disk (safetensors + JSON metrics)."""
-    from safetensors.torch import load_file, save_file
-
-    key_src = json.dumps({"arch": arch, "res": resolution, "seed": seed, "epochs": epochs, "v": 1})
-    key = hashlib.sha1(key_src.encode()).hexdigest()[:12]
-    if key in _MEMO:
-        m, info = _MEMO[key]
-        return copy.deepcopy(m), dict(info)
-    path = cache_dir() / f"classifier-{arch}-{resolution}-{seed}-{key}.safetensors"
-    meta_path = path.with_suffix(".json")
-    model = build_classifier(arch, resolution)
-    if path.exists() and meta_path.exists():
-        model.load_state_dict(load_file(str(path)))
-        model.eval()
-        info = json.loads(meta_path.read_text())
-    else:
-        model, info = train_classifier(arch, resolution, seed, epochs=epochs)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        atomic_write(path, lambda tmp: save_file(state, tmp))
-        atomic_write_text(meta_path, json.dumps(info))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    _MEMO[key] = (model, info)
-    return copy.deepcopy(model), dict(info)
-
-
 class ClassLogitReward(nn.Module):
     """Reward = logit of ``target`` class of a classifier on images in [0, 1]; differentiable."""
 
@@ -176,24 +92,14 @@ class ClassLogitReward(nn.Module):
         return self.classifier(images)[:, self.target]
 
 
-class ClassLogProbReward(ClassLogitReward):
-    """Bounded variant: log-softmax probability of the target class."""
-
-    def forward(self, images: Tensor, prompts: Optional[list[str]] = None) -> Tensor:
-        return self.classifier(images).log_softmax(-1)[:, self.target]
-
-
-def accuracy_of(classifier: nn.Module, images: Tensor, target: int) -> Tensor:
-    """Per-sample 0/1: does ``classifier`` predict ``target`` for each image in [0, 1]?"""
-    with torch.no_grad():
-        return (classifier(images).argmax(-1) == target).float()
-
-
 # --------------------------------------------------------------------------------------------
 # Shipped 16x16 classifiers (trained by ``ntrk fit -c configs/digits_{classifier,judge}_fit.yaml``)
 # --------------------------------------------------------------------------------------------
 
 ShippedKind = Literal["reward", "judge"]
+
+#: side of the shipped classifiers' square input images (what their files hold without metadata)
+SHIPPED_RESOLUTION = 16
 
 #: file name and architecture of each shipped classifier inside ``ntrk_lightning/weights``
 SHIPPED_CLASSIFIERS: dict[str, tuple[str, Arch]] = {
@@ -223,15 +129,13 @@ def load_classifier_file(path: "str | os.PathLike[str]", arch: Optional[Arch] = 
             f"classifier weights not found: {path}. Train them with "
             "`ntrk fit -c configs/digits_classifier_fit.yaml` (reward) or "
             "`ntrk fit -c configs/digits_judge_fit.yaml` (judge), which export to ntrk_lightning/weights/.")
-    from ntrk_lightning.fileio import load_safetensors, safetensors_metadata
-
     hint = ("Retrain with `ntrk fit -c configs/digits_classifier_fit.yaml` (reward) or "
             "`configs/digits_judge_fit.yaml` (judge), or reinstall the package, which ships the file.")
     meta = safetensors_metadata(path, hint, "classifier weights file")
     arch = arch or meta.get("arch")  # type: ignore[assignment]
     if arch is None:
         raise ValueError(f"{path} has no 'arch' metadata; pass arch='conv' or 'mlp'")
-    resolution = int(resolution or meta.get("resolution", 16))
+    resolution = int(resolution or meta.get("resolution", SHIPPED_RESOLUTION))
     model = build_classifier(arch, resolution)
     state = {k: v.float() for k, v in load_safetensors(path, hint, "classifier weights file").items()}
     model.load_state_dict(state)
@@ -256,11 +160,57 @@ def load_shipped_classifier(kind: ShippedKind = "reward", device: "str | torch.d
     return load_classifier_file(root / fname, arch=arch, device=device)
 
 
+class DigitFeatures(nn.Module):
+    """64-d digit features for FID and diversity: the penultimate layer of the reward ConvClassifier.
+
+    Use as ``metrics.FrechetDistance(feature=DigitFeatures())`` (or ``feature="digits"``) or with
+    torchmetrics' ``FrechetInceptionDistance(feature=DigitFeatures())``. With a custom feature
+    module torchmetrics hands the images through unchanged whatever its ``normalize`` flag says, so
+    this module accepts both conventions:
+
+    * ``uint8`` images in [0, 255] (torchmetrics' default ``normalize=False`` convention),
+    * floating images in [0, 1] (the convention of every reward here).
+
+    Three-channel input is averaged to one channel, and other sizes are resized bilinearly to the
+    classifier's resolution. The module stays in eval mode and never needs gradients.
+    """
+
+    num_features = ConvClassifier.num_features
+
+    def __init__(self, classifier: Optional[nn.Module] = None, resolution: int = SHIPPED_RESOLUTION) -> None:
+        super().__init__()
+        if classifier is None:
+            classifier = load_shipped_classifier("reward")
+        if not hasattr(classifier, "features"):
+            raise TypeError("DigitFeatures needs a classifier with a .features() method (ConvClassifier)")
+        self.classifier = classifier
+        self.resolution = int(resolution)
+        self.classifier.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "DigitFeatures":  # always eval: fixed feature space
+        return super().train(False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
+        p = next(self.classifier.parameters())
+        images = images.to(device=p.device, dtype=p.dtype)
+        if images.ndim == 3:
+            images = images.unsqueeze(1)
+        if images.shape[1] == 3:
+            images = images.mean(dim=1, keepdim=True)
+        if images.shape[1] != 1:
+            raise ValueError(f"expected 1 or 3 channels, got shape {tuple(images.shape)}")
+        if images.shape[-2:] != (self.resolution, self.resolution):
+            images = F.interpolate(images, size=(self.resolution, self.resolution), mode="bilinear",
+                                   align_corners=False, antialias=True)
+        return self.classifier.features(images)
+
+
 # --------------------------------------------------------------------------------------------
 # Config-friendly rewards on the shipped classifiers (used by configs/digits_*.yaml)
 # --------------------------------------------------------------------------------------------
-
-from rewards.base import Reward  # noqa: E402  (kept next to its only users)
 
 DigitScore = Literal["logit", "log_prob", "hit"]
 

@@ -25,7 +25,8 @@ def gmm_testbed():
 @pytest.fixture(scope="session")
 def gmm_reward():
     """Target-class-3 logit of the 8x8 conv classifier (the guidance reward)."""
-    from rewards.digits import ClassLogitReward, cached_classifier
+    from ntrk_lightning.training.classifier_loop import cached_classifier
+    from rewards.digits import ClassLogitReward
 
     clf, _ = cached_classifier("conv", 8, 0)
     return ClassLogitReward(clf, 3)
@@ -33,7 +34,7 @@ def gmm_reward():
 
 @pytest.fixture(scope="session")
 def gmm_judge():
-    from rewards.digits import cached_classifier
+    from ntrk_lightning.training.classifier_loop import cached_classifier
 
     judge, info = cached_classifier("mlp", 8, 1)
     return judge

@@ -13,7 +13,7 @@ from PIL import Image
 
 def digit_images(n: int, offset: int = 0, brighten: float = 0.0) -> list[np.ndarray]:
     """``n`` real scikit-learn digits at 16x16 as uint8 arrays (H, W)."""
-    from ntrk_lightning.training.quality import real_images
+    from ntrk_lightning.data.digits import real_images
 
     x, _ = real_images(16)
     out = []

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import ntrk_lightning as ntrk
-from ntrk_lightning.backbones.digits_unet import (DigitFeatures, load_digits_unet, load_unet, make_scheduler,
-                                                  weights_dir)
-from ntrk_lightning.training.quality import evaluate_digits_model, real_images
+from ntrk_lightning.backbones.digits_unet import load_digits_unet, load_unet, make_scheduler, weights_dir
+from ntrk_lightning.data.digits import real_images
+from ntrk_lightning.training.quality import evaluate_digits_model
 from pipeline_utils import run_cli
-from rewards.digits import DigitClassifierReward, load_shipped_classifier
+from rewards.digits import DigitClassifierReward, DigitFeatures, load_shipped_classifier
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,29 @@ def test_plain_samples_are_close_to_real_digits_in_feature_space(digits_model):
     assert q["fid_real_half_vs_real_half"] == pytest.approx(card["fid_real_half_vs_real_half"], rel=1e-6)
     # every digit class is generated (no mode dropping): each class has at least 5% of the samples
     assert min(q["judge_class_fractions"]) >= 0.05
+
+
+def test_quality_fid_matches_torchmetrics_and_real_splits_are_checked():
+    """The training-quality FID (metrics' feature path and distance) equals torchmetrics' own FID
+    under the same digit features, on two different real sets and on a shifted set."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from ntrk_lightning.data.digits import real_halves
+    from ntrk_lightning.training.quality import feature_stats, fid
+
+    feat = DigitFeatures(load_shipped_classifier("reward"))
+    half_a, half_b = real_halves(16)
+    shifted = (half_a[:400] * 0.7 + 0.2).clamp(0, 1)
+    for fake, real in ((half_a[:500], half_b[:600]), (shifted, half_b)):
+        ref = FrechetInceptionDistance(feature=feat, normalize=True)
+        ref.update(real, real=True)
+        ref.update(fake, real=False)
+        expected = float(ref.compute())
+        assert fid(feat, fake, real) == pytest.approx(expected, rel=1e-6)
+        assert fid(feat, feature_stats(feat, fake, batch_size=128), real) == pytest.approx(expected, rel=1e-6)
+    assert fid(feat, shifted, half_b) > 10 * fid(feat, half_a, half_b)
+    with pytest.raises(ValueError, match="split must be"):
+        real_images(16, "validation")
 
 
 def test_ntrk_steers_the_real_model_toward_the_target_digit(digits_model):

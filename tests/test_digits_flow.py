@@ -12,11 +12,12 @@ import ntrk_lightning as ntrk
 from ntrk_lightning.backbones import DigitsFlowBackbone
 from ntrk_lightning.backbones.digits_flow import (load_config, load_digits_flow, load_flow_unet, make_scheduler,
                                                   weights_dir)
-from ntrk_lightning.backbones.digits_unet import DigitFeatures, load_unet
+from ntrk_lightning.backbones.digits_unet import load_unet
+from ntrk_lightning.data.digits import real_halves, real_images
 from ntrk_lightning.training.flow import sample_flow_times
-from ntrk_lightning.training.quality import core_sample, fid, real_halves, real_images
+from ntrk_lightning.training.quality import core_sample, fid
 from pipeline_utils import predict_args, records, run_cli
-from rewards.digits import load_shipped_classifier
+from rewards.digits import DigitFeatures, load_shipped_classifier
 
 
 #: the model card's quality bound: FID(samples, real half) / FID(real half, real half) at 25 steps

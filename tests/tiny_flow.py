@@ -11,9 +11,9 @@ Written in the layout of the real artefacts (``save_pretrained`` of ``StableDiff
   T5 encoder, the same kind of VAE. Latents 16 x 8 x 8 (packed to 16 tokens of 64 channels inside
   the backbone), images 32 x 32.
 
-Tokenizers: CLIP's from the BPE file in the open_clip wheel (:func:`tiny_sd.clip_tokenizer`); T5's a
-small Unigram vocabulary built here (transformers' ``T5Tokenizer(vocab=[(piece, score), ...])``),
-saved as ``tokenizer.json``. Nothing is downloaded.
+Tokenizers (shared with the step-time benchmarks, :mod:`benchmarks.step_time`): CLIP's from the
+BPE file in the open_clip wheel; T5's a small Unigram vocabulary (transformers'
+``T5Tokenizer(vocab=[(piece, score), ...])``), saved as ``tokenizer.json``. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from tiny_sd import clip_tokenizer
+from benchmarks.step_time import t5_tokenizer
+from tiny_sd import built_once, clip_tokenizer
 
 TEXT_HIDDEN = 32   # CLIP stand-ins
 T5_HIDDEN = 64     # T5 stand-in; also SD3's joint_attention_dim (>= the two CLIPs' concatenated 64)
@@ -36,21 +37,6 @@ SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 #: FLUX.1-dev's scheduler config (resolution-dependent shift)
 FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                       max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-
-_T5_WORDS = ("a an the of photo cat dog horse fox wolf red blue green big small painting on in with and "
-             "blurry ugly bird fish cow").split()
-
-
-def t5_tokenizer(model_max_length: int = 512):
-    """A transformers ``T5Tokenizer`` (Unigram, tokenizers-backed) with a small vocabulary: T5's
-    special ids (<pad> 0, </s> 1, <unk> 2), whole words, and single letters as a fallback."""
-    from transformers import T5Tokenizer
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + w, -3.0 - 0.01 * i) for i, w in enumerate(_T5_WORDS)]
-    vocab += [(c, -10.0) for c in "abcdefghijklmnopqrstuvwxyz"]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
-
 
 def _clip_text(seed: int, with_projection: bool, projection_dim: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -134,20 +120,9 @@ class TinyFlowAssets:
         self.flux = make_tiny_flux(root / "flux")
 
 
-_ASSETS: list[TinyFlowAssets] = []
-
-
 def tiny_flow_assets() -> TinyFlowAssets:
     """The process-wide tiny flow pipelines (built on first use, removed at exit)."""
-    if not _ASSETS:
-        import atexit
-        import shutil
-        import tempfile
-
-        root = Path(tempfile.mkdtemp(prefix="ntrk-tiny-flow-"))
-        atexit.register(shutil.rmtree, root, True)
-        _ASSETS.append(TinyFlowAssets(root))
-    return _ASSETS[0]
+    return built_once("ntrk-tiny-flow-", TinyFlowAssets)
 
 
 def model_index(folder: Path) -> dict:

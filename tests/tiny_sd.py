@@ -18,34 +18,15 @@ vocabulary is downloaded (open_clip ships its BPE file in the wheel).
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
 # ---- tokenizer -----------------------------------------------------------------------------
 
-_TOKENIZER_CACHE: dict[tuple[int, str], object] = {}
-
-
-def clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
-    """A transformers ``CLIPTokenizer`` with the real CLIP BPE vocabulary (ids match open_clip's)."""
-    key = (model_max_length, pad_token)
-    if key in _TOKENIZER_CACHE:
-        return _TOKENIZER_CACHE[key]
-    from open_clip import tokenizer as oc_tok
-    from transformers import CLIPTokenizer
-
-    lines = gzip.open(oc_tok.default_bpe()).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
-    byte_chars = list(oc_tok.bytes_to_unicode().values())
-    words = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
-    words += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, pad_token=pad_token)
-    _TOKENIZER_CACHE[key] = tok
-    return tok
+# one CLIP tokenizer for the fixtures and the step-time benchmarks' random pipelines
+from benchmarks.step_time import clip_tokenizer  # noqa: E402,F401
 
 
 # ---- Stable Diffusion ----------------------------------------------------------------------
@@ -213,20 +194,27 @@ class TinyAssets:
                 f"{prefix}clip_model", str(self.clip_config)]
 
 
-_ASSETS: list[TinyAssets] = []
+_T = TypeVar("_T")
+_BUILT: dict[str, Any] = {}
 
 
-def tiny_assets() -> TinyAssets:
-    """The process-wide tiny assets (built on first use, removed at exit)."""
-    if not _ASSETS:
+def built_once(prefix: str, build: Callable[[Path], _T]) -> _T:
+    """``build(root)`` once per process, in a fresh temporary folder named ``prefix...`` that is
+    removed at exit; later calls return the same object."""
+    if prefix not in _BUILT:
         import atexit
         import shutil
         import tempfile
 
-        root = Path(tempfile.mkdtemp(prefix="ntrk-tiny-sd-"))
+        root = Path(tempfile.mkdtemp(prefix=prefix))
         atexit.register(shutil.rmtree, root, True)
-        _ASSETS.append(TinyAssets(root))
-    return _ASSETS[0]
+        _BUILT[prefix] = build(root)
+    return _BUILT[prefix]
+
+
+def tiny_assets() -> TinyAssets:
+    """The process-wide tiny assets (built on first use, removed at exit)."""
+    return built_once("ntrk-tiny-sd-", TinyAssets)
 
 
 # ---- user rewards for ImportedReward tests -------------------------------------------------

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from torch import Tensor
 
 from ntrk_lightning.backbones.base import Backbone
-from ntrk_lightning.backbones.digits_unet import UNetEps, weights_dir
+from ntrk_lightning.backbones.digits_unet import UNetEps, shipped_files, unet_from_files, weights_dir
 from ntrk_lightning.denoiser import DiffusionModel, identity_decode
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -39,11 +38,7 @@ _RETRAIN_HINT = ("Retrain with `ntrk fit -c configs/digits_flow_fit.yaml` (expor
 
 
 def _files(name: str, root: Optional[PathLike]) -> tuple[Path, Path]:
-    if name not in SHIPPED_FLOW_MODELS:
-        raise ValueError(f"unknown digits flow model {name!r}; available: {sorted(SHIPPED_FLOW_MODELS)}")
-    w, c = SHIPPED_FLOW_MODELS[name]
-    base = Path(root) if root is not None else weights_dir()
-    return base / w, base / c
+    return shipped_files(SHIPPED_FLOW_MODELS, name, root, "digits flow model")
 
 
 def load_config(name: str = "digits_flow", root: Optional[PathLike] = None) -> dict[str, Any]:
@@ -78,18 +73,9 @@ def make_scheduler(name: str = "digits_flow", root: Optional[PathLike] = None, *
 def load_flow_unet(name: str = "digits_flow", device: Union[str, torch.device] = "cpu",
                    root: Optional[PathLike] = None, dtype: torch.dtype = torch.float32):
     """The raw diffusers ``UNet2DModel`` (eval mode, parameters frozen, ``dtype``)."""
-    from diffusers import UNet2DModel
-    from safetensors.torch import load_file
-
-    w_path, _ = _files(name, root)
-    cfg = load_config(name, root)
-    if not w_path.is_file():
-        raise FileNotFoundError(f"digits flow weights not found: {w_path}. {_RETRAIN_HINT}")
-    unet = UNet2DModel.from_config(cfg["unet"])
-    unet.load_state_dict({k: v.to(torch.float32) for k, v in load_file(str(w_path)).items()})
-    unet.to(device=device, dtype=dtype).eval()
-    unet.requires_grad_(False)
-    return unet
+    w_path, c_path = _files(name, root)
+    return unet_from_files(w_path, c_path, load_config(name, root)["unet"], "digits flow", _RETRAIN_HINT, device,
+                           dtype)
 
 
 class UNetVelocity(UNetEps):

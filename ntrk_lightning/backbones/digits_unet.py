@@ -9,8 +9,8 @@ on disk) ship in ``ntrk_lightning/weights``; everything here works offline::
     scheduler = make_scheduler()            # DDIMScheduler from the training DDPM config
     eps = model.denoiser(x_t, t)            # t: scalar or (B,) long tensor of training timesteps
 
-Also here: :class:`DigitFeatures`, the 64-d feature extractor (penultimate layer of the shipped
-reward ConvClassifier) used as the "Inception" of FID for digits.
+The digits feature network for FID (``DigitFeatures``) lives with the classifiers it is made of,
+in :mod:`rewards.digits`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from ntrk_lightning.backbones.base import Backbone
@@ -44,12 +43,19 @@ def weights_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "weights"
 
 
-def _files(name: str, root: Optional[PathLike]) -> tuple[Path, Path]:
-    if name not in SHIPPED_MODELS:
-        raise ValueError(f"unknown digits model {name!r}; available: {sorted(SHIPPED_MODELS)}")
-    w, c = SHIPPED_MODELS[name]
+def shipped_files(table: dict[str, tuple[str, str]], name: str, root: Optional[PathLike],
+                  what: str) -> tuple[Path, Path]:
+    """(weights file, config file) of the shipped model ``name`` of ``table`` in ``root`` (default:
+    the package's weights folder); an unknown name is a ValueError listing the known ones."""
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; available: {sorted(table)}")
+    w, c = table[name]
     base = Path(root) if root is not None else weights_dir()
     return base / w, base / c
+
+
+def _files(name: str, root: Optional[PathLike]) -> tuple[Path, Path]:
+    return shipped_files(SHIPPED_MODELS, name, root, "digits model")
 
 
 def load_config(name: str = "digits16", root: Optional[PathLike] = None) -> dict[str, Any]:
@@ -89,22 +95,28 @@ def make_scheduler(name: str = "digits16", root: Optional[PathLike] = None, **ov
 def load_unet(name: str = "digits16", device: Union[str, torch.device] = "cpu",
               root: Optional[PathLike] = None, dtype: torch.dtype = torch.float32):
     """The raw diffusers ``UNet2DModel`` (eval mode, parameters frozen, ``dtype``)."""
+    w_path, c_path = _files(name, root)
+    return unet_from_files(w_path, c_path, load_config(name, root)["unet"], "digits UNet", _RETRAIN_HINT, device, dtype)
+
+
+def unet_from_files(w_path: Path, c_path: Path, unet_config: dict[str, Any], what: str, hint: str,
+                    device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32):
+    """A ``UNet2DModel`` built from ``unet_config`` (read from ``c_path``) with the weights of the
+    safetensors file ``w_path`` (any float type on disk), in eval mode with frozen parameters. A
+    missing, unreadable or mismatched file is one clear error naming it, with ``hint``."""
     from diffusers import UNet2DModel
 
     from ntrk_lightning.fileio import WeightsFileError, load_safetensors
 
-    w_path, _ = _files(name, root)
-    cfg = load_config(name, root)
     if not w_path.is_file():
-        raise FileNotFoundError(f"digits UNet weights not found: {w_path}. {_RETRAIN_HINT}")
-    unet = UNet2DModel.from_config(cfg["unet"])
-    state = {k: v.to(torch.float32) for k, v in
-             load_safetensors(w_path, _RETRAIN_HINT, "digits UNet weights file").items()}
+        raise FileNotFoundError(f"{what} weights not found: {w_path}. {hint}")
+    unet = UNet2DModel.from_config(unet_config)
+    state = {k: v.to(torch.float32) for k, v in load_safetensors(w_path, hint, f"{what} weights file").items()}
     try:
         unet.load_state_dict(state)
     except RuntimeError as e:  # wrong tensor names or shapes: another model's file
-        raise WeightsFileError(f"digits UNet weights file {w_path} does not fit the config "
-                               f"{_files(name, root)[1]} ({str(e).splitlines()[0]}). {_RETRAIN_HINT}") from None
+        raise WeightsFileError(f"{what} weights file {w_path} does not fit the config "
+                               f"{c_path} ({str(e).splitlines()[0]}). {hint}") from None
     # a dtype argument makes diffusers warn about fp32 modules even when there is nothing to cast
     unet.to(device=device) if dtype == torch.float32 else unet.to(device=device, dtype=dtype)
     unet.eval()
@@ -156,56 +168,6 @@ def load_digits_unet(name: str = "digits16", device: Union[str, torch.device] = 
     }
     return DiffusionModel(denoiser=UNetEps(unet), decode=identity_decode, sample_shape=(ch, res, res),
                           name=name, meta=meta)
-
-
-class DigitFeatures(nn.Module):
-    """64-d digit features for FID: the penultimate layer of the reward ConvClassifier.
-
-    Use as ``torchmetrics.image.fid.FrechetInceptionDistance(feature=DigitFeatures())``. With a
-    custom feature module torchmetrics hands the images through unchanged whatever its
-    ``normalize`` flag says, so this module accepts both conventions:
-
-    * ``uint8`` images in [0, 255] (torchmetrics' default ``normalize=False`` convention),
-    * floating images in [0, 1] (the convention of every reward here; use ``normalize=True`` to
-      document it, it changes nothing for a custom module).
-
-    Three-channel input is averaged to one channel, and other sizes are resized bilinearly to the
-    classifier's resolution. The module stays in eval mode and never needs gradients.
-    """
-
-    num_features = 64
-
-    def __init__(self, classifier: Optional[nn.Module] = None, resolution: int = 16) -> None:
-        super().__init__()
-        if classifier is None:
-            from rewards.digits import load_shipped_classifier
-
-            classifier = load_shipped_classifier("reward")
-        if not hasattr(classifier, "features"):
-            raise TypeError("DigitFeatures needs a classifier with a .features() method (ConvClassifier)")
-        self.classifier = classifier
-        self.resolution = int(resolution)
-        self.classifier.requires_grad_(False)
-        self.train(False)
-
-    def train(self, mode: bool = True) -> "DigitFeatures":  # always eval: fixed feature space
-        return super().train(False)
-
-    def forward(self, images: Tensor) -> Tensor:
-        if images.dtype == torch.uint8:
-            images = images.float() / 255.0
-        p = next(self.classifier.parameters())
-        images = images.to(device=p.device, dtype=p.dtype)
-        if images.ndim == 3:
-            images = images.unsqueeze(1)
-        if images.shape[1] == 3:
-            images = images.mean(dim=1, keepdim=True)
-        if images.shape[1] != 1:
-            raise ValueError(f"expected 1 or 3 channels, got shape {tuple(images.shape)}")
-        if images.shape[-2:] != (self.resolution, self.resolution):
-            images = F.interpolate(images, size=(self.resolution, self.resolution), mode="bilinear",
-                                   align_corners=False, antialias=True)
-        return self.classifier.features(images)
 
 
 class DigitsUNetBackbone(Backbone):

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ntrk_lightning.backbones.sd3 import FlowMatchingBackbone, WeightsDType
-from ntrk_lightning.backbones.stable_diffusion import DTypeName, compute_context, upcast
+from ntrk_lightning.backbones.sd3 import FlowMatchingBackbone
+from ntrk_lightning.backbones.stable_diffusion import checked_guidance_scale, compute_context, upcast
 
 FLUX_COMPONENTS = {"transformer": "diffusers", "vae": "diffusers", "text_encoder": "transformers",
                    "tokenizer": "tokenizer", "text_encoder_2": "transformers", "tokenizer_2": "t5_tokenizer",
@@ -136,31 +136,20 @@ class FluxBackbone(FlowMatchingBackbone):
             download``), or a hub id present in the local Hugging Face cache.
         guidance_scale: the distilled guidance embedding's value (FLUX.1-dev default 3.5; no CFG,
             one forward pass per row). Ignored by models without the embedding (schnell).
-        height, width: image size (default 1024); multiples of 16.
         max_sequence_length: T5 tokens (dev 512, schnell 256).
-        dtype, weights_dtype, vae_dtype, vae_batch_size, gradient_checkpointing, variant,
-        scheduler_overrides, revision, cache_dir, name: as in
-        :class:`~ntrk_lightning.backbones.sd3.SD3Backbone`.
+        options: height, width (default 1024; multiples of 16), dtype, weights_dtype, vae_dtype,
+            vae_batch_size, gradient_checkpointing, variant, scheduler_overrides, revision,
+            cache_dir, name: as in :class:`~ntrk_lightning.backbones.sd3.SD3Backbone`.
     """
 
     components = FLUX_COMPONENTS
     kind = "flux"
     _hint_repo = "black-forest-labs/FLUX.1-dev"
 
-    def __init__(self, model: str, guidance_scale: float = 3.5, height: Optional[int] = None,
-                 width: Optional[int] = None, dtype: DTypeName = "auto", weights_dtype: WeightsDType = "float32",
-                 vae_dtype: DTypeName = "auto", vae_batch_size: Optional[int] = None,
-                 gradient_checkpointing: bool = False, variant: Optional[str] = None, max_sequence_length: int = 512,
-                 scheduler_overrides: Optional[dict[str, Any]] = None, revision: Optional[str] = None,
-                 cache_dir: Optional[str] = None, name: Optional[str] = None) -> None:
-        super().__init__(model, height=height, width=width, dtype=dtype, weights_dtype=weights_dtype,
-                         vae_dtype=vae_dtype, vae_batch_size=vae_batch_size,
-                         gradient_checkpointing=gradient_checkpointing, variant=variant,
-                         max_sequence_length=max_sequence_length, scheduler_overrides=scheduler_overrides,
-                         revision=revision, cache_dir=cache_dir, name=name)
-        self.guidance_scale = float(guidance_scale)
-        if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    def __init__(self, model: str, guidance_scale: float = 3.5, max_sequence_length: int = 512,
+                 **options: Any) -> None:
+        super().__init__(model, max_sequence_length=max_sequence_length, **options)
+        self.guidance_scale = checked_guidance_scale(guidance_scale)
         self.guidance_embeds = bool(self.transformer_config.get("guidance_embeds", False))
         self.text_encoder: Optional[nn.Module] = None
         self.text_encoder_2: Optional[nn.Module] = None

@@ -93,10 +93,6 @@ class DigitsGMM(torch.nn.Module):
         self.register_buffer("labels", torch.from_numpy(params.labels))
         self.register_buffer("alphas_cumprod", alphas_cumprod.double().clone())
 
-    @property
-    def num_components(self) -> int:
-        return self.means.shape[0]
-
     def _component_terms(self, x: Tensor, a: Tensor, s2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-component log-densities (B, K), whitened residual coordinates (B, K, D) and
         variances (B, K, D) of N(a mu_k, a^2 S_k + s2 I) at x (B, D)."""

@@ -45,13 +45,15 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ntrk_lightning.backbones.base import Backbone, check_prompts
-from ntrk_lightning.backbones.stable_diffusion import (_DTYPES, DTypeName, _dtype_or_auto, _index, _read_json,
-                                                        _stack, check_pipeline_folder, compute_context, load_component,
-                                                        load_tokenizer, resolve_model_folder, upcast, vae_decode)
+from ntrk_lightning.backbones.base import check_prompts
+from ntrk_lightning.backbones.stable_diffusion import (_DTYPES, DTypeName, LatentBackbone, _read_json, _stack,
+                                                        check_pipeline_folder, checked_guidance_scale, compute_context,
+                                                        load_component, load_tokenizer, resolve_model_folder, upcast)
 from ntrk_lightning.denoiser import ClassifierFreeGuidance, DiffusionModel
 
 WeightsDType = Literal["float32", "float16", "bfloat16"]
+#: longest T5 prompt the flow backbones accept (FLUX.1-dev's pipeline default)
+MAX_T5_TOKENS = 512
 
 SD3_COMPONENTS = {"transformer": "diffusers", "vae": "diffusers", "text_encoder": "transformers",
                   "tokenizer": "tokenizer", "text_encoder_2": "transformers", "tokenizer_2": "tokenizer",
@@ -88,15 +90,15 @@ def static_flow_scheduler_config(config: dict[str, Any], image_seq_len: int, cls
     return cfg
 
 
-class FlowMatchingBackbone(Backbone):
+class FlowMatchingBackbone(LatentBackbone):
     """What SD3 and FLUX share: a local diffusers pipeline folder with a ``transformer/``, a VAE
     with scaling and shift factors, a flow-matching scheduler config, precision, gradient
     checkpointing, sliced decode, and per-prompt conditioning caches. Subclasses define
     ``components``, ``_load_text``, ``_encode``, ``_velocity_net`` and the image token count."""
 
-    conditional = True
     components: dict[str, str] = {}
     kind = "flow"
+    cuda_auto_dtype = torch.bfloat16  # what SD3 and FLUX are released and run in
     _hint_repo = ""
 
     def __init__(self, model: str, height: Optional[int] = None, width: Optional[int] = None,
@@ -112,37 +114,18 @@ class FlowMatchingBackbone(Backbone):
         self.latent_channels = int(self.vae_config.get("latent_channels", 16))
         #: latent side must be a multiple of this (the transformer's patch, FLUX's 2 x 2 packing)
         self._latent_multiple = self._patch_size()
-        default = self._default_size()
-        self.height = int(height) if height is not None else default
-        self.width = int(width) if width is not None else default
         unit = self.vae_scale_factor * self._latent_multiple
-        for what, v in (("height", self.height), ("width", self.width)):
-            if v <= 0 or v % unit:
-                raise ValueError(f"{what} must be a positive multiple of {unit} (VAE scale factor "
-                                 f"{self.vae_scale_factor} x patch {self._latent_multiple}), got {v}")
-        self.dtype_name = _dtype_or_auto(dtype, "dtype")
-        if weights_dtype not in _DTYPES:
-            raise ValueError(f"weights_dtype must be 'float32', 'float16' or 'bfloat16', got {weights_dtype!r}")
-        self.weights_dtype_name = weights_dtype
-        if weights_dtype != "float32" and dtype not in ("auto", weights_dtype):
-            raise ValueError(f"weights stored in {weights_dtype} must run in {weights_dtype} (dtype={dtype!r}); "
-                             "use weights_dtype='float32' for another compute type")
-        self.vae_dtype_name = _dtype_or_auto(vae_dtype, "vae_dtype")
-        if vae_batch_size is not None and int(vae_batch_size) < 1:
-            raise ValueError(f"vae_batch_size must be >= 1, got {vae_batch_size}")
-        self.vae_batch_size = int(vae_batch_size) if vae_batch_size is not None else None
-        self.gradient_checkpointing = bool(gradient_checkpointing)
-        self.variant = variant
-        if not 1 <= int(max_sequence_length) <= 512:
-            raise ValueError(f"max_sequence_length must be in [1, 512] (T5 tokens), got {max_sequence_length}")
+        self._set_size(height, width, self._default_size(), unit,
+                       f"{unit} (VAE scale factor {self.vae_scale_factor} x patch {self._latent_multiple})")
+        self._set_runtime_options(dtype, weights_dtype, vae_dtype, vae_batch_size, gradient_checkpointing, variant)
+        if not 1 <= int(max_sequence_length) <= MAX_T5_TOKENS:
+            raise ValueError(f"max_sequence_length must be in [1, {MAX_T5_TOKENS}] (T5 tokens), got {max_sequence_length}")
         self.max_sequence_length = int(max_sequence_length)
         self.scheduler_overrides = dict(scheduler_overrides or {})
         self.name = name or self.folder.resolve().name
         self.transformer: Optional[nn.Module] = None
         self.vae: Optional[nn.Module] = None
         self.velocity_net: Optional[nn.Module] = None
-        self.checkpoint_calls = 0  # incremented by every checkpointed block call (tests, describe)
-        self._embed_cache: dict[tuple[str, str, int], Any] = {}
         self.make_scheduler()  # a scheduler config the core cannot use fails now
 
     def _locate(self, model: str, variant: Optional[str], revision: Optional[str], cache_dir: Optional[str]) -> None:
@@ -182,22 +165,6 @@ class FlowMatchingBackbone(Backbone):
     def _velocity_net(self) -> nn.Module:
         raise NotImplementedError
 
-    # ---- precision ---------------------------------------------------------------------------
-    def compute_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype_name != "auto":
-            return _DTYPES[self.dtype_name]
-        if self.weights_dtype_name != "float32":
-            return _DTYPES[self.weights_dtype_name]
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    def vae_compute_dtype(self, device: torch.device) -> torch.dtype:
-        if self.vae_dtype_name != "auto":
-            return _DTYPES[self.vae_dtype_name]
-        c = self.compute_dtype(device)
-        if c == torch.float16 and self.vae_config.get("force_upcast", False):
-            return torch.float32
-        return c
-
     # ---- loading -------------------------------------------------------------------------------
     def _from_pretrained(self, cls: Any, sub: str, **kw: Any) -> nn.Module:
         return load_component(cls, self.folder, sub, self.variant, **kw)
@@ -234,18 +201,7 @@ class FlowMatchingBackbone(Backbone):
         """Transformer input channels per latent channel (FLUX packs 2 x 2 patches: 4)."""
         return 1
 
-    def _checkpoint(self, module: Callable[..., Any], *args: Any) -> Any:
-        """Activation checkpointing for diffusers blocks (counted; non-reentrant, so frozen weights
-        and float32 latents both work)."""
-        self.checkpoint_calls += 1
-        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
-
     # ---- the core's interface -----------------------------------------------------------------
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        f = self.vae_scale_factor
-        return (self.latent_channels, self.height // f, self.width // f)
-
     def _denoiser(self) -> Callable[..., Tensor]:
         return self.velocity_net
 
@@ -277,32 +233,14 @@ class FlowMatchingBackbone(Backbone):
                              "static for its image size (set `shift` instead)")
         return cls(**cfg)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """VAE decode of ``latents / scaling_factor + shift_factor`` to float32 images in [0, 1]
-        (differentiable; in chunks of ``vae_batch_size``)."""
-        if self.vae is None:
-            raise RuntimeError("call load() first")
-        return vae_decode(self.vae, latents, self.vae_compute_dtype(latents.device), self.vae_batch_size)
-
     # ---- conditioning ---------------------------------------------------------------------------
     def _tokens(self, tokenizer: Any, prompts: list[str], max_length: int) -> Tensor:
         ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                         return_tensors="pt").input_ids
         return ids.to(self.device)
 
-    def _embeddings(self, prompts: Sequence[str]) -> list[dict[str, Tensor]]:
-        """Per-prompt embeddings (cached per device: every arm of a run asks for the same prompts)."""
-        dev = self.device
-        key = lambda p: (p, str(dev), id(self.transformer))  # noqa: E731 - reloaded weights get new keys
-        todo = sorted({p for p in prompts if key(p) not in self._embed_cache})
-        if todo:
-            enc = self._encode(todo)
-            for i, p in enumerate(todo):
-                self._embed_cache[key(p)] = _index(enc, i)
-        if len(self._embed_cache) > 4096:  # bounded: long prompt lists stream through
-            for k in list(self._embed_cache)[:-1024]:
-                del self._embed_cache[k]
-        return [self._embed_cache[key(p)] for p in prompts]
+    def _embedding_owner(self) -> Optional[nn.Module]:
+        return self.transformer
 
     def _prompt_embeddings(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         if self.velocity_net is None:
@@ -373,13 +311,13 @@ class SD3Backbone(FlowMatchingBackbone):
         negative_prompt: the unconditional branch's prompt (default ``""``, encoded).
         use_t5: read the T5 encoder (``None``: when the folder has one). Without it the T5 part of
             the prompt embeddings is zeros, as in diffusers (quality drops on long prompts).
-        height, width: image size (default: the transformer's ``sample_size`` x 8, 1024 for
-            SD3-medium); multiples of 16.
-        max_sequence_length: T5 tokens (SD3's pipeline default 256).
-        dtype, weights_dtype, vae_dtype, vae_batch_size, gradient_checkpointing, variant,
-        scheduler_overrides, revision, cache_dir, name: as in
-        :class:`~ntrk_lightning.backbones.stable_diffusion.StableDiffusionBackbone`
-        (``dtype="auto"`` is bfloat16 on CUDA here).
+        options: the options of :class:`FlowMatchingBackbone` — height, width (default: the
+            transformer's ``sample_size`` x 8, 1024 for SD3-medium; multiples of 16),
+            max_sequence_length (T5 tokens, SD3's pipeline default 256), dtype, weights_dtype,
+            vae_dtype, vae_batch_size, gradient_checkpointing, variant, scheduler_overrides,
+            revision, cache_dir, name: as in
+            :class:`~ntrk_lightning.backbones.stable_diffusion.StableDiffusionBackbone`
+            (``dtype="auto"`` is bfloat16 on CUDA here).
     """
 
     components = SD3_COMPONENTS
@@ -387,21 +325,10 @@ class SD3Backbone(FlowMatchingBackbone):
     _hint_repo = "stabilityai/stable-diffusion-3-medium-diffusers"
 
     def __init__(self, model: str, guidance_scale: float = 7.0, negative_prompt: Optional[str] = None,
-                 use_t5: Optional[bool] = None, height: Optional[int] = None, width: Optional[int] = None,
-                 dtype: DTypeName = "auto", weights_dtype: WeightsDType = "float32", vae_dtype: DTypeName = "auto",
-                 vae_batch_size: Optional[int] = None, gradient_checkpointing: bool = False,
-                 variant: Optional[str] = None, max_sequence_length: int = 256,
-                 scheduler_overrides: Optional[dict[str, Any]] = None, revision: Optional[str] = None,
-                 cache_dir: Optional[str] = None, name: Optional[str] = None) -> None:
+                 use_t5: Optional[bool] = None, **options: Any) -> None:
         self._use_t5_arg = use_t5
-        super().__init__(model, height=height, width=width, dtype=dtype, weights_dtype=weights_dtype,
-                         vae_dtype=vae_dtype, vae_batch_size=vae_batch_size,
-                         gradient_checkpointing=gradient_checkpointing, variant=variant,
-                         max_sequence_length=max_sequence_length, scheduler_overrides=scheduler_overrides,
-                         revision=revision, cache_dir=cache_dir, name=name)
-        self.guidance_scale = float(guidance_scale)
-        if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        super().__init__(model, **options)
+        self.guidance_scale = checked_guidance_scale(guidance_scale)
         max_grid = self.transformer_config.get("pos_embed_max_size")
         if max_grid:  # SD3 crops a fixed grid of position embeddings: larger images cannot run
             limit = int(max_grid) * self._latent_multiple * self.vae_scale_factor

@@ -276,7 +276,114 @@ class GuidedEps(nn.Module):
         return self._cfg(x, t, cond)
 
 
-class StableDiffusionBackbone(Backbone):
+#: prompt-embedding cache of a latent backbone: past this many entries only the newest are kept
+EMBED_CACHE_MAX = 4096
+EMBED_CACHE_KEEP = 1024
+
+
+def checked_guidance_scale(guidance_scale: float) -> float:
+    if float(guidance_scale) < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    return float(guidance_scale)
+
+
+class LatentBackbone(Backbone):
+    """What the latent text-to-image backbones share (SD 1.x/2.x, SDXL, and through
+    :class:`~ntrk_lightning.backbones.sd3.FlowMatchingBackbone` SD3 and FLUX): image size in
+    multiples of the latent grid, precision options, gradient checkpointing, sliced VAE decode and
+    a per-prompt embedding cache. Subclasses set ``vae_scale_factor``, ``latent_channels``,
+    ``vae_config`` and ``vae``, and encode prompts in ``_encode``."""
+
+    conditional = True
+    #: compute type of ``dtype="auto"`` on CUDA
+    cuda_auto_dtype: torch.dtype = torch.float16
+
+    def _set_size(self, height: Optional[int], width: Optional[int], default: int, unit: int, unit_text: str) -> None:
+        self.height = int(height) if height is not None else default
+        self.width = int(width) if width is not None else default
+        for what, v in (("height", self.height), ("width", self.width)):
+            if v <= 0 or v % unit:
+                raise ValueError(f"{what} must be a positive multiple of {unit_text}, got {v}")
+
+    def _set_runtime_options(self, dtype: str, weights_dtype: str, vae_dtype: str, vae_batch_size: Optional[int],
+                             gradient_checkpointing: bool, variant: Optional[str]) -> None:
+        """Check and keep the precision, decode-slicing, checkpointing and weights-variant options."""
+        self.dtype_name = _dtype_or_auto(dtype, "dtype")
+        if weights_dtype not in _DTYPES:
+            raise ValueError(f"weights_dtype must be 'float32', 'float16' or 'bfloat16', got {weights_dtype!r}")
+        self.weights_dtype_name = weights_dtype
+        if weights_dtype != "float32" and dtype not in ("auto", weights_dtype):
+            raise ValueError(f"weights stored in {weights_dtype} must run in {weights_dtype} (dtype={dtype!r}); "
+                             "use weights_dtype='float32' for another compute type")
+        self.vae_dtype_name = _dtype_or_auto(vae_dtype, "vae_dtype")
+        if vae_batch_size is not None and int(vae_batch_size) < 1:
+            raise ValueError(f"vae_batch_size must be >= 1, got {vae_batch_size}")
+        self.vae_batch_size = int(vae_batch_size) if vae_batch_size is not None else None
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.variant = variant
+        self.checkpoint_calls = 0  # incremented by every checkpointed block call (tests, describe)
+        self._embed_cache: dict[tuple[str, str, int], Any] = {}
+
+    # ---- precision ---------------------------------------------------------------------------
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype_name != "auto":
+            return _DTYPES[self.dtype_name]
+        if self.weights_dtype_name != "float32":
+            return _DTYPES[self.weights_dtype_name]
+        return self.cuda_auto_dtype if device.type == "cuda" else torch.float32
+
+    def vae_compute_dtype(self, device: torch.device) -> torch.dtype:
+        if self.vae_dtype_name != "auto":
+            return _DTYPES[self.vae_dtype_name]
+        c = self.compute_dtype(device)
+        if c == torch.float16 and self.vae_config.get("force_upcast", False):
+            return torch.float32
+        return c
+
+    def _checkpoint(self, module: Callable[..., Any], *args: Any) -> Any:
+        """Activation checkpointing for diffusers blocks (counted, so that tests and users can see
+        it is active; non-reentrant, so frozen weights and float32 latents both work)."""
+        self.checkpoint_calls += 1
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+    # ---- the core's interface -----------------------------------------------------------------
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        f = self.vae_scale_factor
+        return (self.latent_channels, self.height // f, self.width // f)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """VAE decode of ``latents / scaling_factor (+ shift_factor)`` to float32 images in [0, 1]
+        (differentiable; in chunks of ``vae_batch_size``)."""
+        if self.vae is None:
+            raise RuntimeError("call load() first")
+        return vae_decode(self.vae, latents, self.vae_compute_dtype(latents.device), self.vae_batch_size)
+
+    # ---- conditioning ---------------------------------------------------------------------------
+    def _encode(self, prompts: list[str]) -> Any:
+        raise NotImplementedError
+
+    def _embedding_owner(self) -> Optional[nn.Module]:
+        """The loaded module whose identity keys the embedding cache (reloaded weights: new keys)."""
+        raise NotImplementedError
+
+    def _embeddings(self, prompts: Sequence[str]) -> list[Any]:
+        """Per-prompt embeddings (cached per device: every arm of a run asks for the same prompts)."""
+        dev = self.device
+        owner = id(self._embedding_owner())
+        key = lambda p: (p, str(dev), owner)  # noqa: E731
+        todo = sorted({p for p in prompts if key(p) not in self._embed_cache})
+        if todo:
+            enc = self._encode(todo)
+            for i, p in enumerate(todo):
+                self._embed_cache[key(p)] = _index(enc, i)
+        if len(self._embed_cache) > EMBED_CACHE_MAX:  # bounded: long prompt lists stream through
+            for k in list(self._embed_cache)[:-EMBED_CACHE_KEEP]:
+                del self._embed_cache[k]
+        return [self._embed_cache[key(p)] for p in prompts]
+
+
+class StableDiffusionBackbone(LatentBackbone):
     """Stable Diffusion 1.x / 2.x (``UNet2DConditionModel`` + ``AutoencoderKL`` + CLIP text encoder).
 
     Args:
@@ -302,7 +409,6 @@ class StableDiffusionBackbone(Backbone):
         name: model name in records (default: the folder's name).
     """
 
-    conditional = True
     components: dict[str, str] = SD_COMPONENTS
     kind = "stable-diffusion"
     _hint_repo = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -318,35 +424,31 @@ class StableDiffusionBackbone(Backbone):
         super().__init__()
         self.source = model
         self._locate(model, vae, variant, revision, cache_dir)
-        if self.kind == "stable-diffusion" and self.unet_config.get("addition_embed_type") == "text_time":
-            raise ValueError(f"{self.folder} is an SDXL model (its UNet needs pooled text embeddings and time ids): "
-                             "use ntrk_lightning.backbones.StableDiffusionXLBackbone")
+        self._check_unet()
         self.vae_scale_factor = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
         default = int(self.unet_config.get("sample_size", 64)) * self.vae_scale_factor
-        self.height = int(height) if height is not None else default
-        self.width = int(width) if width is not None else default
-        for what, v in (("height", self.height), ("width", self.width)):
-            if v <= 0 or v % self.vae_scale_factor:
-                raise ValueError(f"{what} must be a positive multiple of the VAE scale factor "
-                                 f"{self.vae_scale_factor}, got {v}")
+        self._set_size(height, width, default, self.vae_scale_factor, f"the VAE scale factor {self.vae_scale_factor}")
         self.latent_channels = int(self.unet_config.get("in_channels", 4))
-        self.guidance_scale = float(guidance_scale)
-        if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        self.guidance_scale = checked_guidance_scale(guidance_scale)
         self.negative_prompt = negative_prompt
-        self.dtype_name = _dtype_or_auto(dtype, "dtype")
-        if weights_dtype not in _DTYPES:
-            raise ValueError(f"weights_dtype must be 'float32', 'float16' or 'bfloat16', got {weights_dtype!r}")
-        self.weights_dtype_name = weights_dtype
-        if weights_dtype != "float32" and dtype not in ("auto", weights_dtype):
-            raise ValueError(f"weights stored in {weights_dtype} must run in {weights_dtype} (dtype={dtype!r}); "
-                             "use weights_dtype='float32' for another compute type")
-        self.vae_dtype_name = _dtype_or_auto(vae_dtype, "vae_dtype")
-        if vae_batch_size is not None and int(vae_batch_size) < 1:
-            raise ValueError(f"vae_batch_size must be >= 1, got {vae_batch_size}")
-        self.vae_batch_size = int(vae_batch_size) if vae_batch_size is not None else None
-        self.gradient_checkpointing = bool(gradient_checkpointing)
-        self.variant = variant
+        self._set_runtime_options(dtype, weights_dtype, vae_dtype, vae_batch_size, gradient_checkpointing, variant)
+        self._set_prediction(prediction_type, scheduler_overrides)
+        self.name = name or self.folder.resolve().name
+        self.unet: Optional[nn.Module] = None
+        self.vae: Optional[nn.Module] = None
+        self.text_encoder: Optional[nn.Module] = None
+        self.tokenizer: Any = None
+        self.eps_net: Optional[SDEps] = None
+        self.make_scheduler()  # a scheduler config the core cannot use fails now
+
+    def _check_unet(self) -> None:
+        """The UNet is of the family this class drives (SDXL's needs pooled embeddings and time ids)."""
+        if self.unet_config.get("addition_embed_type") == "text_time":
+            raise ValueError(f"{self.folder} is an SDXL model (its UNet needs pooled text embeddings and time ids): "
+                             "use ntrk_lightning.backbones.StableDiffusionXLBackbone")
+
+    def _set_prediction(self, prediction_type: Optional[str], scheduler_overrides: Optional[dict[str, Any]]) -> None:
+        """The network's parameterisation (default: the scheduler config's) and the DDIM overrides."""
         self.prediction_type = prediction_type or self.scheduler_config.get("prediction_type", "epsilon")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
@@ -355,15 +457,6 @@ class StableDiffusionBackbone(Backbone):
             raise ValueError("scheduler_overrides cannot set prediction_type: the core needs epsilon (the adapter "
                              "converts); set the backbone's prediction_type to describe the network instead")
         self.scheduler_overrides = overrides
-        self.name = name or self.folder.resolve().name
-        self.unet: Optional[nn.Module] = None
-        self.vae: Optional[nn.Module] = None
-        self.text_encoder: Optional[nn.Module] = None
-        self.tokenizer: Any = None
-        self.eps_net: Optional[SDEps] = None
-        self.checkpoint_calls = 0  # incremented by every checkpointed block call (tests, describe)
-        self._embed_cache: dict[tuple[str, str, int], Any] = {}
-        self.make_scheduler()  # a scheduler config the core cannot use fails now
 
     def _locate(self, model: str, vae: Optional[str], variant: Optional[str], revision: Optional[str],
                 cache_dir: Optional[str]) -> None:
@@ -387,22 +480,6 @@ class StableDiffusionBackbone(Backbone):
         self.vae_config = _read_json((self.vae_folder or self.folder / "vae") / "config.json")
         self.scheduler_config = _read_json(self.folder / "scheduler" / "scheduler_config.json")
         self.model_index = _read_json(self.folder / "model_index.json")
-
-    # ---- precision ---------------------------------------------------------------------------
-    def compute_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype_name != "auto":
-            return _DTYPES[self.dtype_name]
-        if self.weights_dtype_name != "float32":
-            return _DTYPES[self.weights_dtype_name]
-        return torch.float16 if device.type == "cuda" else torch.float32
-
-    def vae_compute_dtype(self, device: torch.device) -> torch.dtype:
-        if self.vae_dtype_name != "auto":
-            return _DTYPES[self.vae_dtype_name]
-        c = self.compute_dtype(device)
-        if c == torch.float16 and self.vae_config.get("force_upcast", False):
-            return torch.float32
-        return c
 
     # ---- loading -------------------------------------------------------------------------------
     def _from_pretrained(self, cls: Any, sub: str, folder: Optional[Path] = None, **kw: Any) -> nn.Module:
@@ -431,18 +508,7 @@ class StableDiffusionBackbone(Backbone):
         self.eps_net = SDEps(self.unet, sched.alphas_cumprod, self.prediction_type, self.compute_dtype)
         self._embed_cache.clear()
 
-    def _checkpoint(self, module: Callable[..., Any], *args: Any) -> Any:
-        """Activation checkpointing for diffusers blocks (counted, so that tests and users can see
-        it is active; non-reentrant, so frozen weights and float32 latents both work)."""
-        self.checkpoint_calls += 1
-        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
-
     # ---- the core's interface -----------------------------------------------------------------
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        f = self.vae_scale_factor
-        return (self.latent_channels, self.height // f, self.width // f)
-
     def model(self) -> DiffusionModel:
         if self.eps_net is None:
             raise RuntimeError("call load() first")
@@ -474,12 +540,6 @@ class StableDiffusionBackbone(Backbone):
                              "{rescale_betas_zero_snr: false}")
         return sched
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """VAE decode of ``latents / scaling_factor`` to float32 images in [0, 1] (differentiable)."""
-        if self.vae is None:
-            raise RuntimeError("call load() first")
-        return vae_decode(self.vae, latents, self.vae_compute_dtype(latents.device), self.vae_batch_size)
-
     # ---- conditioning ---------------------------------------------------------------------------
     def _tokens(self, tokenizer: Any, prompts: list[str], device: torch.device) -> Tensor:
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -500,19 +560,8 @@ class StableDiffusionBackbone(Backbone):
     def _zeros_for_empty_negative(self) -> bool:
         return False
 
-    def _embeddings(self, prompts: list[str]) -> list[Any]:
-        """Per-prompt embeddings (cached per device: every arm of a run asks for the same prompts)."""
-        dev = self.device
-        key = lambda p: (p, str(dev), id(self.text_encoder))  # noqa: E731 - reloaded weights get new keys
-        todo = sorted({p for p in prompts if key(p) not in self._embed_cache})
-        if todo:
-            enc = self._encode(todo)
-            for i, p in enumerate(todo):
-                self._embed_cache[key(p)] = _index(enc, i)
-        if len(self._embed_cache) > 4096:  # bounded: long prompt lists stream through
-            for k in list(self._embed_cache)[:-1024]:
-                del self._embed_cache[k]
-        return [self._embed_cache[key(p)] for p in prompts]
+    def _embedding_owner(self) -> Optional[nn.Module]:
+        return self.text_encoder
 
     def conditioning(self, prompts: Sequence[str]) -> Any:
         """``(cond, uncond)`` for a batch of prompts, batched along dim 0, on the backbone's device."""
@@ -557,25 +606,9 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
     kind = "sdxl"
     _hint_repo = "stabilityai/stable-diffusion-xl-base-1.0"
 
-    def __init__(self, model: str, guidance_scale: float = 5.0, negative_prompt: Optional[str] = None,
-                 height: Optional[int] = None, width: Optional[int] = None, dtype: DTypeName = "auto",
-                 weights_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
-                 vae_dtype: DTypeName = "auto", vae: Optional[str] = None, vae_batch_size: Optional[int] = None,
-                 gradient_checkpointing: bool = False, variant: Optional[str] = None,
-                 prediction_type: Optional[Literal["epsilon", "v_prediction", "sample"]] = None,
-                 scheduler_overrides: Optional[dict[str, Any]] = None, revision: Optional[str] = None,
-                 cache_dir: Optional[str] = None, name: Optional[str] = None,
-                 original_size: Optional[tuple[int, int]] = None,
-                 crops_coords_top_left: tuple[int, int] = (0, 0)) -> None:
-        super().__init__(model, guidance_scale=guidance_scale, negative_prompt=negative_prompt, height=height,
-                         width=width, dtype=dtype, weights_dtype=weights_dtype, vae_dtype=vae_dtype, vae=vae,
-                         vae_batch_size=vae_batch_size, gradient_checkpointing=gradient_checkpointing,
-                         variant=variant, prediction_type=prediction_type, scheduler_overrides=scheduler_overrides,
-                         revision=revision, cache_dir=cache_dir, name=name)
-        if self.unet_config.get("addition_embed_type") != "text_time":
-            raise ValueError(f"{self.folder} is not an SDXL base model (its UNet has addition_embed_type="
-                             f"{self.unet_config.get('addition_embed_type')!r}, expected 'text_time'); use "
-                             "StableDiffusionBackbone for SD 1.x/2.x")
+    def __init__(self, model: str, guidance_scale: float = 5.0, original_size: Optional[tuple[int, int]] = None,
+                 crops_coords_top_left: tuple[int, int] = (0, 0), **options: Any) -> None:
+        super().__init__(model, guidance_scale=guidance_scale, **options)
         self.original_size = tuple(int(v) for v in (original_size or (self.height, self.width)))
         self.crops_coords_top_left = tuple(int(v) for v in crops_coords_top_left)
         if len(self.original_size) != 2 or len(self.crops_coords_top_left) != 2:
@@ -596,6 +629,12 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
         if expected != got:
             raise ValueError(f"{self.folder}: the UNet expects {expected} added-embedding inputs but the text encoder "
                              f"and time ids give {got}; the folder mixes components of different models")
+
+    def _check_unet(self) -> None:
+        if self.unet_config.get("addition_embed_type") != "text_time":
+            raise ValueError(f"{self.folder} is not an SDXL base model (its UNet has addition_embed_type="
+                             f"{self.unet_config.get('addition_embed_type')!r}, expected 'text_time'); use "
+                             "StableDiffusionBackbone for SD 1.x/2.x")
 
     def _zeros_for_empty_negative(self) -> bool:
         return bool(self.model_index.get("force_zeros_for_empty_prompt", True))

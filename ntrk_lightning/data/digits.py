@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 NUM_CLASSES = 10
+#: share of the digits held out as the test split (``split_indices`` default)
+TEST_FRACTION = 0.2
 
 
 @lru_cache(maxsize=4)
@@ -38,9 +40,30 @@ def digits(resolution: int = 8) -> tuple[Tensor, Tensor]:
     return x.clone(), y.clone()
 
 
-def split_indices(n: int, fraction_test: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor]:
+def split_indices(n: int, fraction_test: float = TEST_FRACTION, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Deterministic train/test split of ``range(n)``."""
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
     n_test = int(round(n * fraction_test))
     return perm[n_test:], perm[:n_test]
+
+
+def real_images(resolution: int = 16, split: str = "all") -> tuple[Tensor, Tensor]:
+    """Real digits as images in [0, 1] with labels; ``split`` in {"all", "train", "test"}
+    (the :func:`split_indices` split with its defaults)."""
+    if split not in ("all", "train", "test"):
+        raise ValueError(f"split must be 'all', 'train' or 'test', got {split!r}")
+    x, y = digits(resolution)
+    if split != "all":
+        tr, te = split_indices(len(y))
+        idx = tr if split == "train" else te
+        x, y = x[idx], y[idx]
+    return (x + 1.0) * 0.5, y
+
+
+def real_halves(resolution: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Two disjoint random halves (899 / 898 images) of all 1797 real digits, in [0, 1]."""
+    x, _ = real_images(resolution)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    h = (len(x) + 1) // 2
+    return x[perm[:h]], x[perm[h:]]

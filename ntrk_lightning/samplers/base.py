@@ -129,8 +129,6 @@ class SamplingContext:
 
     def reward(self, x0: Tensor, rows: Tensor) -> Tensor:
         """Reward of model-space samples ``x0`` (decoded first); differentiable when x0 is."""
-        if self.reward_fn is None:
-            raise ValueError("this sampler needs a reward function, got reward=None")
         return self.reward_of_images(self.decode(x0), rows)
 
     def reward_of_images(self, images: Tensor, rows: Tensor) -> Tensor:
@@ -189,13 +187,17 @@ class SamplingContext:
         return images, r.float()
 
 
+#: floor of a gradient norm before dividing (rows with a zero norm are flagged and zeroed anyway)
+_MIN_NORM = 1e-30
+
+
 def unit_direction(g: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample g / ||g|| and a mask of rows whose gradient is unusable (non-finite or zero)."""
     flat = g.flatten(1)
     finite = torch.isfinite(flat).all(1)
     norm = torch.where(finite, flat.norm(dim=1), torch.zeros_like(flat[:, 0]))
     bad = ~finite | (norm <= 0)
-    safe = torch.where(bad[:, None], torch.zeros_like(flat), flat / norm.clamp_min(1e-30)[:, None])
+    safe = torch.where(bad[:, None], torch.zeros_like(flat), flat / norm.clamp_min(_MIN_NORM)[:, None])
     return safe.view_as(g), bad
 
 

@@ -35,6 +35,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
+from ntrk_lightning.noise import NoiseSource
 from ntrk_lightning.samplers.base import Sampler, SamplingContext
 
 #: tag of the child streams that feed every candidate after a sample's first one at each step
@@ -110,34 +111,9 @@ class RBF(Sampler):
                     spent += 1
                 continue
             cap = alloc[i] + carry  # (B,) candidates this step may draw
-            # round 0: every sample's first candidate, from its own stream
-            x_best = ctx.step(eps, i, x, z)
-            e_best, r_best = self._evaluate(ctx, x_best, i, rows, last)
-            if not last:
-                spent += 1
-            drawn = torch.ones(b, dtype=torch.long)
-            improved = r_best > best
             exhaust = i == final_scored  # the last scored step spends everything left
-            active = (~improved | exhaust) & (drawn < cap)
-            while bool(active.any()):
-                idx = active.nonzero()[:, 0]
-                zc = more.randn(idx.tolist())
-                dev = idx.to(x.device)
-                xc = ctx.step(eps[dev], i, x[dev], zc)
-                ec, rc = self._evaluate(ctx, xc, i, rows[idx], last)
-                if not last:
-                    spent[idx] += 1
-                drawn[idx] += 1
-                better = rc > r_best[idx]  # best of this step so far
-                if bool(better.any()):
-                    take, tdev = idx[better], dev[better.to(dev.device)]
-                    x_best[tdev] = xc[better.to(xc.device)]
-                    if ec is not None:
-                        e_best[tdev] = ec[better.to(ec.device)]
-                    r_best[take] = rc[better]
-                hit = rc > best[idx]
-                improved[idx] |= hit
-                active[idx] = (~hit | exhaust) & (drawn[idx] < cap[idx])
+            x_best, e_best, r_best, drawn, improved = self._search_step(
+                ctx, x, eps, z, i, rows, last, best, cap, exhaust, more, spent)
             # rollover: an improving sample keeps what it did not draw; the others start afresh
             carry = torch.where(improved, cap - drawn, torch.zeros_like(cap))
             if not exhaust:
@@ -153,6 +129,44 @@ class RBF(Sampler):
                           rollovers=float(rollovers.double().mean()),
                           candidates_per_step=drawn_total / max(1, scored_steps * b))
         return x
+
+    def _search_step(self, ctx: SamplingContext, x: Tensor, eps: Tensor, z: Tensor, i: int, rows: Tensor,
+                     last: bool, best: Tensor, cap: Tensor, exhaust: bool, more: NoiseSource,
+                     spent: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor]:
+        """Draw candidates of step ``i`` until each sample beats its running ``best`` (or, when
+        ``exhaust``, until its budget ``cap`` is spent); count their NFEs into ``spent``.
+
+        Returns the step's best candidate per sample with its next network output and score, the
+        candidates drawn per sample, and whether each sample improved on ``best``."""
+        b = x.shape[0]
+        # round 0: every sample's first candidate, from its own stream
+        x_best = ctx.step(eps, i, x, z)
+        e_best, r_best = self._evaluate(ctx, x_best, i, rows, last)
+        if not last:
+            spent += 1
+        drawn = torch.ones(b, dtype=torch.long)
+        improved = r_best > best
+        active = (~improved | exhaust) & (drawn < cap)
+        while bool(active.any()):
+            idx = active.nonzero()[:, 0]
+            zc = more.randn(idx.tolist())
+            dev = idx.to(x.device)
+            xc = ctx.step(eps[dev], i, x[dev], zc)
+            ec, rc = self._evaluate(ctx, xc, i, rows[idx], last)
+            if not last:
+                spent[idx] += 1
+            drawn[idx] += 1
+            better = rc > r_best[idx]  # best of this step so far
+            if bool(better.any()):
+                take, tdev = idx[better], dev[better.to(dev.device)]
+                x_best[tdev] = xc[better.to(xc.device)]
+                if ec is not None:
+                    e_best[tdev] = ec[better.to(ec.device)]
+                r_best[take] = rc[better]
+            hit = rc > best[idx]
+            improved[idx] |= hit
+            active[idx] = (~hit | exhaust) & (drawn[idx] < cap[idx])
+        return x_best, e_best, r_best, drawn, improved
 
     @staticmethod
     def _score(r: Tensor) -> Tensor:

@@ -25,7 +25,6 @@ proposal.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional
 
@@ -166,12 +165,7 @@ class SMC(Sampler):
                 e = ess(w)
                 ess_fracs.append(float((e / k).mean()))
                 need = (e < self.ess_threshold * k) if self.ess_threshold < 1.0 else torch.ones(b, dtype=torch.bool)
-                # uniforms are drawn every step for every sample, so each sample's stream (and so
-                # its result) is independent of the batch it is in
-                if self.resampling == "systematic":
-                    anc = systematic_resample(w, streams.uniform(1)[:, 0])
-                else:
-                    anc = multinomial_resample(w, streams.uniform(k))
+                anc = self._ancestors(w, streams, k)
                 if need.any():
                     anc = torch.where(need[:, None], anc, keep)
                     idx = flat_indices(anc, k).to(x.device)
@@ -184,17 +178,40 @@ class SMC(Sampler):
             z = ctx.noise.randn()
             x_next = ctx.step(eps, i, x, z)
             if g is not None:
-                bad = ~torch.isfinite(g.flatten(1)).all(1)
-                ctx.count_fallbacks(bad)
-                coef = self.guidance * lam_prop * sigma * sigma
-                shift = torch.where(bad.view(-1, *([1] * (g.dim() - 1))), torch.zeros_like(g), coef * g)
-                x_next = x_next + shift.to(x_next.dtype)
-                sh = shift.flatten(1).double()
-                corr = -((sh * sh).sum(1) + 2.0 * sigma * (sh * z.flatten(1).double()).sum(1)) / (2.0 * sigma * sigma)
+                x_next, corr = self._guided_move(ctx, x_next, g, z, sigma, lam_prop)
                 log_w = log_w + corr.cpu().view(b, k)
             ctx.step_done(i, x_next, eps, x, self.name)
             x = x_next
-        # the final potential, on x_0 itself (its reward costs no NFE, as in ctx.final)
+        return self._finish(ctx, x, rows, log_w, state, events, ess_fracs)
+
+    def _ancestors(self, w: Tensor, streams: GroupStreams, k: int) -> Tensor:
+        """(B, K) ancestor indices drawn from the normalised weights ``w``. Uniforms are drawn every
+        step for every sample (resampled or not), so each sample's stream (and so its result) is
+        independent of the batch it is in."""
+        if self.resampling == "systematic":
+            return systematic_resample(w, streams.uniform(1)[:, 0])
+        return multinomial_resample(w, streams.uniform(k))
+
+    def _guided_move(self, ctx: SamplingContext, x_next: Tensor, g: Tensor, z: Tensor, sigma: float,
+                     lam_prop: float) -> tuple[Tensor, Tensor]:
+        """Shift the prior move by ``guidance * lam * sigma^2 * g`` (rows with a non-finite gradient
+        keep the prior move) and return the moved rows with their log-weight correction
+        log N(x'; mu, sigma^2) - log N(x'; mu + shift, sigma^2), where x' - mu - shift = sigma z."""
+        bad = ~torch.isfinite(g.flatten(1)).all(1)
+        ctx.count_fallbacks(bad)
+        coef = self.guidance * lam_prop * sigma * sigma
+        shift = torch.where(bad.view(-1, *([1] * (g.dim() - 1))), torch.zeros_like(g), coef * g)
+        x_next = x_next + shift.to(x_next.dtype)
+        sh = shift.flatten(1).double()
+        corr = -((sh * sh).sum(1) + 2.0 * sigma * (sh * z.flatten(1).double()).sum(1)) / (2.0 * sigma * sigma)
+        return x_next, corr
+
+    def _finish(self, ctx: SamplingContext, x: Tensor, rows: Tensor, log_w: Tensor, state: Tensor,
+                events: Tensor, ess_fracs: list[float]) -> Tensor:
+        """Weight the particles by the final potential, on x_0 itself (its reward costs no NFE, as in
+        ``ctx.final``), record the run's particle statistics and return one particle per sample."""
+        b, k = log_w.shape
+        s_steps = ctx.num_steps
         r0 = ctx.reward_nograd(x, rows).double().cpu().view(b, k)
         log_w, _ = self._update(log_w, state, r0, self.lam_at(s_steps, s_steps), first=s_steps == 0)
         w = normalize_log_weights(log_w)

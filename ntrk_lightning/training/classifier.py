@@ -1,5 +1,10 @@
 """Training the digit classifiers: the reward network (``arch="conv"``, whose penultimate layer is
-also the FID feature space) and the held-out judge (``arch="mlp"``, another seed)."""
+also the FID feature space) and the held-out judge (``arch="mlp"``, another seed).
+
+Two ways, one recipe: :class:`DigitClassifierModule` (``ntrk fit``, the shipped 16x16 weights) and
+the plain loop of :mod:`ntrk_lightning.training.classifier_loop` for the small 8x8 classifiers the
+tests and benchmarks fit on the fly.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ntrk_lightning.data.digits import real_images
 from ntrk_lightning.training import export as ex
-from rewards.digits import Arch, _augment, build_classifier
+from ntrk_lightning.training.classifier_loop import (DEFAULT_EPOCHS, DEFAULT_LABEL_SMOOTHING, DEFAULT_LR,
+                                                     DEFAULT_WEIGHT_DECAY, augment_shifts, default_max_shift)
+from rewards.digits import Arch, build_classifier, load_classifier_file
 
 _DEFAULT_NAMES = {"reward": "digits_classifier", "judge": "digits_judge"}
 
@@ -22,7 +30,7 @@ _DEFAULT_NAMES = {"reward": "digits_classifier", "judge": "digits_judge"}
 class DigitClassifierModule(pl.LightningModule):
     """Cross-entropy training of ``rewards.digits.build_classifier(arch, resolution)`` on digits.
 
-    Same recipe as ``rewards.digits.train_classifier``: random integer translations of up to
+    Same recipe as :func:`~ntrk_lightning.training.classifier_loop.train_classifier`: random integer translations of up to
     ``max_shift`` pixels (default ``resolution // 8``, background padding) drawn from the module's
     own generator seeded ``augment_seed``, label smoothing, AdamW with a per-epoch cosine schedule
     over ``trainer.max_epochs``. Inputs arrive in [-1, 1] and are mapped to [0, 1], the reward
@@ -37,9 +45,9 @@ class DigitClassifierModule(pl.LightningModule):
         arch: Arch = "conv",
         resolution: int = 16,
         kind: Literal["reward", "judge"] = "reward",
-        lr: float = 2e-3,
-        weight_decay: float = 1e-4,
-        label_smoothing: float = 0.05,
+        lr: float = DEFAULT_LR,
+        weight_decay: float = DEFAULT_WEIGHT_DECAY,
+        label_smoothing: float = DEFAULT_LABEL_SMOOTHING,
         max_shift: Optional[int] = None,
         augment_seed: int = 0,
         export_dir: Optional[str] = None,
@@ -49,7 +57,7 @@ class DigitClassifierModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = build_classifier(arch, resolution)
-        self.max_shift = max(1, resolution // 8) if max_shift is None else int(max_shift)
+        self.max_shift = default_max_shift(resolution) if max_shift is None else int(max_shift)
         self._gen = torch.Generator().manual_seed(int(augment_seed))
         self._t0: Optional[float] = None
         self._train_seconds: Optional[float] = None
@@ -59,7 +67,7 @@ class DigitClassifierModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
-        x = _augment(x.cpu(), self._gen, self.max_shift).to(x.device)
+        x = augment_shifts(x.cpu(), self._gen, self.max_shift).to(x.device)
         loss = F.cross_entropy(self((x + 1.0) * 0.5), y, label_smoothing=self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
@@ -73,7 +81,7 @@ class DigitClassifierModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr,
                                 weight_decay=self.hparams.weight_decay)
-        t_max = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 60
+        t_max = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else DEFAULT_EPOCHS
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
@@ -87,8 +95,6 @@ class DigitClassifierModule(pl.LightningModule):
     # ---- export -----------------------------------------------------------------------------
     @torch.no_grad()
     def test_accuracy(self) -> dict[str, Any]:
-        from ntrk_lightning.training.quality import real_images
-
         was = self.model.training
         self.model.eval()
         x, y = real_images(self.hparams.resolution, "test")
@@ -106,11 +112,7 @@ class DigitClassifierModule(pl.LightningModule):
         size = ex.save_weights(self.model.state_dict(), w_path, hp.export_dtype,
                                metadata={"arch": hp.arch, "resolution": str(hp.resolution), "kind": hp.kind})
         # score what ships (float16 round trip included)
-        from rewards.digits import load_classifier_file
-
         shipped = load_classifier_file(w_path)
-        from ntrk_lightning.training.quality import real_images
-
         x, y = real_images(hp.resolution, "test")
         with torch.no_grad():
             acc_shipped = float((shipped(x).argmax(-1) == y).float().mean())

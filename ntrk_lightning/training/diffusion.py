@@ -19,8 +19,22 @@ from torch import Tensor
 from ntrk_lightning.training import export as ex
 
 
+#: running loss average (progress bar, card): avg <- DECAY * avg + NEW * loss
+LOSS_AVG_DECAY, LOSS_AVG_NEW = 0.98, 0.02
+#: EMA warm-up: the decay after n updates is min(ema_decay, (1 + n) / (EMA_WARMUP + n))
+EMA_WARMUP = 10.0
+
+
 def _plain_config(cfg: Any) -> dict[str, Any]:
     return ex.jsonable({k: v for k, v in dict(cfg).items() if not str(k).startswith("_")})
+
+
+def check_unet_options(block_out_channels: Sequence[int], down_block_types: Sequence[str],
+                       up_block_types: Sequence[str], ema_decay: float) -> None:
+    if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
+        raise ValueError("down_block_types, up_block_types and block_out_channels must have equal lengths")
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
 
 
 class DigitsDiffusionModule(pl.LightningModule):
@@ -71,24 +85,29 @@ class DigitsDiffusionModule(pl.LightningModule):
         eval_classifier_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
-        from diffusers import DDPMScheduler, UNet2DModel
+        from diffusers import DDPMScheduler
 
-        if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
-            raise ValueError("down_block_types, up_block_types and block_out_channels must have equal lengths")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        check_unet_options(block_out_channels, down_block_types, up_block_types, ema_decay)
         self.save_hyperparameters()
-        self.unet = UNet2DModel(
-            sample_size=resolution, in_channels=in_channels, out_channels=in_channels,
-            block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-            down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),
-            norm_num_groups=norm_num_groups, attention_head_dim=attention_head_dim, dropout=dropout,
-        )
-        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        self._init_unets()
         self.noise_scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
             beta_end=beta_end, prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0,
         )
+
+    def _init_unets(self) -> None:
+        """The trained UNet and its EMA copy from the hyperparameters, and a fresh run state
+        (shared with the flow module, which trains the same network)."""
+        from diffusers import UNet2DModel
+
+        hp = self.hparams
+        self.unet = UNet2DModel(
+            sample_size=hp.resolution, in_channels=hp.in_channels, out_channels=hp.in_channels,
+            block_out_channels=tuple(hp.block_out_channels), layers_per_block=hp.layers_per_block,
+            down_block_types=tuple(hp.down_block_types), up_block_types=tuple(hp.up_block_types),
+            norm_num_groups=hp.norm_num_groups, attention_head_dim=hp.attention_head_dim, dropout=hp.dropout,
+        )
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
         self._ema_updates = 0
         self._loss_avg: Optional[float] = None
         self._train_seconds: Optional[float] = None
@@ -105,14 +124,14 @@ class DigitsDiffusionModule(pl.LightningModule):
         x_t = self.noise_scheduler.add_noise(x0, noise, t)
         loss = F.mse_loss(self(x_t, t), noise)
         v = float(loss.detach())
-        self._loss_avg = v if self._loss_avg is None else 0.98 * self._loss_avg + 0.02 * v
+        self._loss_avg = v if self._loss_avg is None else LOSS_AVG_DECAY * self._loss_avg + LOSS_AVG_NEW * v
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/loss_avg", self._loss_avg, prog_bar=False, on_step=True, on_epoch=False)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         n = self._ema_updates
-        decay = min(self.hparams.ema_decay, (1.0 + n) / (10.0 + n))
+        decay = min(self.hparams.ema_decay, (1.0 + n) / (EMA_WARMUP + n))
         with torch.no_grad():
             for pe, p in zip(self.ema_unet.parameters(), self.unet.parameters()):
                 pe.lerp_(p.detach(), 1.0 - decay)
@@ -233,15 +252,23 @@ class DigitsDiffusionModule(pl.LightningModule):
             cdir = shipped_weights_dir()
         return cdir, load_shipped_classifier("reward", weights_dir=cdir), load_shipped_classifier("judge", weights_dir=cdir)
 
+    def _load_exported(self, out: Path) -> tuple[Any, Any]:
+        """(DiffusionModel, scheduler) read back from the exported files in ``out``."""
+        from ntrk_lightning.backbones.digits_unet import load_digits_unet, make_scheduler
+
+        return load_digits_unet(self.hparams.model_name, root=out), make_scheduler(self.hparams.model_name, root=out)
+
     def _evaluate_export(self, out: Path) -> dict[str, Any]:
-        from ntrk_lightning.backbones.digits_unet import DigitFeatures, load_digits_unet, make_scheduler
+        """Quality of what ships (the exported file, float16 round trip included): plain samples
+        of the library's sampler against real digits, and the held-out judge's statistics."""
         from ntrk_lightning.training.quality import evaluate_digits_model
+        from rewards.digits import DigitFeatures
 
         hp = self.hparams
         cdir, reward_net, judge = self._eval_classifiers(out)
-        model = load_digits_unet(hp.model_name, root=out)  # what ships, float16 round trip included
-        q = evaluate_digits_model(model, make_scheduler(hp.model_name, root=out), DigitFeatures(reward_net),
-                                  judge, reward_net, n=hp.eval_samples, num_steps=hp.eval_steps,
+        model, scheduler = self._load_exported(out)
+        q = evaluate_digits_model(model, scheduler, DigitFeatures(reward_net), judge, reward_net,
+                                  n=hp.eval_samples, num_steps=hp.eval_steps, eta=hp.get("eval_eta", 1.0),
                                   seed=hp.eval_seed)
         q["classifiers_from"] = str(cdir)
         return q

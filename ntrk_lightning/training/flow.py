@@ -9,7 +9,6 @@ scheduler hands the denoiser at sampling time.
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -19,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ntrk_lightning.training.diffusion import DigitsDiffusionModule, _plain_config
+from ntrk_lightning.training.diffusion import (LOSS_AVG_DECAY, LOSS_AVG_NEW, DigitsDiffusionModule, _plain_config,
+                                              check_unet_options)
 
 TimeSampling = Literal["uniform", "logit_normal"]
 
@@ -95,12 +95,9 @@ class DigitsFlowModule(DigitsDiffusionModule):
         # The parent's __init__ builds a DDPM noise scheduler and records DDPM hyperparameters; this
         # module shares its EMA/optimiser/export methods only, so it initialises the Lightning base.
         pl.LightningModule.__init__(self)
-        from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
-        if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
-            raise ValueError("down_block_types, up_block_types and block_out_channels must have equal lengths")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        check_unet_options(block_out_channels, down_block_types, up_block_types, ema_decay)
         if time_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"time_sampling must be 'uniform' or 'logit_normal', got {time_sampling!r}")
         if not shift > 0:
@@ -110,20 +107,10 @@ class DigitsFlowModule(DigitsDiffusionModule):
         if not 0.0 <= eval_eta <= 1.0:
             raise ValueError(f"eval_eta must be in [0, 1], got {eval_eta}")
         self.save_hyperparameters()
-        self.unet = UNet2DModel(
-            sample_size=resolution, in_channels=in_channels, out_channels=in_channels,
-            block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-            down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),
-            norm_num_groups=norm_num_groups, attention_head_dim=attention_head_dim, dropout=dropout,
-        )
-        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        self._init_unets()
         # Sampling-time schedule exported with the weights (training draws s continuously).
         self.noise_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps,
                                                                shift=shift)
-        self._ema_updates = 0
-        self._loss_avg: Optional[float] = None
-        self._train_seconds: Optional[float] = None
-        self._t0: Optional[float] = None
 
     def setup(self, stage: str) -> None:
         # Part of the recipe: float reductions depend on the thread count, so bit-identical
@@ -141,7 +128,7 @@ class DigitsFlowModule(DigitsDiffusionModule):
         x_s = (1.0 - s_) * x0 + s_ * noise
         loss = F.mse_loss(self(x_s, s * hp.num_train_timesteps), noise - x0)
         v = float(loss.detach())
-        self._loss_avg = v if self._loss_avg is None else 0.98 * self._loss_avg + 0.02 * v
+        self._loss_avg = v if self._loss_avg is None else LOSS_AVG_DECAY * self._loss_avg + LOSS_AVG_NEW * v
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/loss_avg", self._loss_avg, prog_bar=False, on_step=True, on_epoch=False)
         return loss
@@ -171,17 +158,7 @@ class DigitsFlowModule(DigitsDiffusionModule):
                 "ntrk_lightning.sample.",
                 "UNet2DModel + FlowMatchEulerDiscreteScheduler configs")
 
-    def _evaluate_export(self, out: Path) -> dict[str, Any]:
+    def _load_exported(self, out: Path) -> tuple[Any, Any]:
         from ntrk_lightning.backbones.digits_flow import load_digits_flow, make_scheduler
-        from ntrk_lightning.backbones.digits_unet import DigitFeatures
-        from ntrk_lightning.training.quality import core_sample, evaluate_digits_model
 
-        hp = self.hparams
-        cdir, reward_net, judge = self._eval_classifiers(out)
-        model = load_digits_flow(hp.model_name, root=out)  # what ships, float16 round trip included
-        q = evaluate_digits_model(model, make_scheduler(hp.model_name, root=out), DigitFeatures(reward_net),
-                                  judge, reward_net, n=hp.eval_samples, num_steps=hp.eval_steps,
-                                  eta=hp.eval_eta, seed=hp.eval_seed, sample_fn=core_sample)
-        q["sampler"] = f"ntrk_lightning.sample, Plain(eta={hp.eval_eta}), seed={hp.eval_seed}"
-        q["classifiers_from"] = str(cdir)
-        return q
+        return load_digits_flow(self.hparams.model_name, root=out), make_scheduler(self.hparams.model_name, root=out)
