@@ -6,7 +6,7 @@ Specs:
   features) through torchmetrics' wrapper. Weights come ONLY from a local file (an explicit
   ``weights_path``, else ``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``);
   nothing is downloaded. A missing file raises ``FileNotFoundError`` saying where to get it.
-* ``"digits"`` — :class:`ntrk_lightning.backbones.digits_unet.DigitFeatures` (64-d, shipped
+* ``"digits"`` — :class:`rewards.digits.DigitFeatures` (64-d, shipped
   weights), the FID space of the digits testbed.
 * ``"package.module:ClassName"`` (or ``package.module.ClassName``) — any importable
   ``nn.Module`` built without arguments, returning (N, D) features.

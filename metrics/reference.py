@@ -4,7 +4,7 @@ Real statistics are computed once and cached, never recomputed per run: a genera
 ``ntrk evaluate`` call only extracts features of its *generated* images. Sources:
 
 * ``"digits"`` / ``"digits:R"`` — all 1797 real scikit-learn digits at resolution R (default 16),
-  as ``ntrk_lightning.training.quality.real_images`` gives them; ``"digits:R:C"`` — only the real
+  as ``ntrk_lightning.data.digits.real_images`` gives them; ``"digits:R:C"`` — only the real
   digits of class C (the reference for samples steered toward digit C);
 * a folder of images (``metrics.images`` conventions);
 * a statistics file written by :meth:`ReferenceStats.save` (used as is).

@@ -14,7 +14,8 @@ model is. Every reward reads LOCAL files only and says which file is missing and
 * :mod:`rewards.digits` — digit classifiers of the shipped digits testbed.
 
 Importing this package is cheap: each class is imported from its module on first access
-(open_clip, transformers and the metrics package are only imported by the rewards that use them).
+(open_clip and transformers are only imported by the rewards that use them). Rewards never import
+the metrics package: the metrics use rewards (the digits feature network), not the other way round.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def short_error(e: BaseException, limit: int = 400) -> str:
 def load_open_clip_checked(model_name: str, weights: PathLike, what: str, where: str,
                            **create_kwargs: Any) -> tuple[nn.Module, Callable[[Sequence[str]], Tensor]]:
     """(model, tokenizer) from a local weights file; any failure is one clear ValueError."""
-    from metrics.clip_score import load_open_clip
+    from ntrk_lightning.open_clip_models import load_open_clip
 
     path = require_file(weights, what, where)
     sniff_weights_file(path, what, where)
@@ -188,7 +188,7 @@ class OpenCLIPReward(Reward):
     # ---- pieces -------------------------------------------------------------------------------
     def preprocess(self, images: Tensor) -> Tensor:
         """Images in [0, 1] -> model input (shorter side resized, centre crop, normalised)."""
-        from metrics.clip_score import clip_preprocess
+        from ntrk_lightning.open_clip_models import clip_preprocess
 
         return clip_preprocess(images, self.image_size, self.image_mean, self.image_std)
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metrics.images import as_float01
+from ntrk_lightning.image_tensors import as_float01
 from rewards.clip_score import DTypeName, OpenCLIPReward
 
 HPS_HINT = ("Get the HPSv2 checkpoint on a machine with internet: `hf download xswu/HPSv2 HPS_v2.1_compressed.pt "

@@ -413,7 +413,7 @@ class ImageReward(Reward):
     def preprocess(self, images: Tensor) -> Tensor:
         """The reference preprocessing on tensors: shorter side to ``image_size`` (bicubic,
         antialias), centre crop, CLIP mean/std."""
-        from metrics.clip_score import clip_preprocess
+        from ntrk_lightning.open_clip_models import clip_preprocess
 
         return clip_preprocess(images, self.arch.image_size, CLIP_MEAN, CLIP_STD)
 

@@ -126,7 +126,7 @@ class PickScoreReward(Reward):
 
     def preprocess(self, images: Tensor) -> Tensor:
         """The CLIP processor on tensors: shorter side to ``size``, centre crop, normalise."""
-        from metrics.clip_score import clip_preprocess
+        from ntrk_lightning.open_clip_models import clip_preprocess
 
         cfg = self.image_cfg
         crop = cfg["crop"]

@@ -49,6 +49,11 @@ def forbidden_imports(source: str, filename: str = "<source>") -> list[str]:
     return out
 
 
+def imports_of(source: str, prefix: str, filename: str = "<source>") -> list[str]:
+    return [f"{filename}:{line} imports {m}" for line, m in imported_modules(ast.parse(source, filename))
+            if m == prefix or m.startswith(prefix + ".")]
+
+
 def long_functions(source: str, filename: str = "<source>") -> list[tuple[str, int]]:
     """(``filename:qualname``, length in lines) of every function longer than the limit."""
     out = []
@@ -97,3 +102,12 @@ def test_no_function_is_longer_than_the_limit():
              if not any(k == name for p in _sources(SHAPED_PACKAGES)
                         for name, _ in long_functions(p.read_text(encoding="utf-8"), str(p.relative_to(ROOT))))]
     assert not stale, f"allowed long functions that are short now (drop them from the list): {stale}"
+
+
+def test_rewards_never_import_metrics():
+    """metrics -> rewards is the one direction (the digits feature network is a reward classifier's
+    trunk); rewards -> metrics would close a cycle between the two packages."""
+    assert imports_of("from metrics.images import as_float01\n", "metrics")
+    bad = [hit for p in _sources(("rewards",))
+           for hit in imports_of(p.read_text(encoding="utf-8"), "metrics", str(p.relative_to(ROOT)))]
+    assert not bad, "rewards must not import metrics (shared helpers live in ntrk_lightning):\n" + "\n".join(bad)

@@ -25,7 +25,7 @@ PROMPTS = ["a digit zero", "a digit three", "a digit seven"]
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> tuple[Path, Path, torch.Tensor]:
     """37 real digits as 16x16 grey PNGs, with a one-prompt-per-line prompts file."""
-    from ntrk_lightning.training.quality import real_images
+    from ntrk_lightning.data.digits import real_images
 
     root = tmp_path_factory.mktemp("eval")
     folder = root / "images"
