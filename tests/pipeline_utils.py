@@ -104,10 +104,10 @@ def flatten_run(out: Path) -> None:
     import shutil
 
     for arm_dir in (out / "images").iterdir():
-        for shard in [d for d in arm_dir.iterdir() if d.is_dir()]:
-            for f in shard.iterdir():
-                f.rename(arm_dir / f.name)
-            shard.rmdir()
+        for f in [f for f in arm_dir.rglob("*") if f.is_file() and f.parent != arm_dir]:
+            f.rename(arm_dir / f.name)
+        for shard in sorted((d for d in arm_dir.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
+            shard.rmdir()  # deepest first: the shard folders are empty now
         for rec_path in arm_dir.glob("*.json"):
             rec = json.loads(rec_path.read_text())
             rec["image"] = f"images/{arm_dir.name}/{rec_path.stem}.png"
