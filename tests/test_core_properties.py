@@ -12,7 +12,7 @@ import torch
 
 from core_models import (GaussianDenoiser, Linear, OracleDenoiser, ddim_reference, ddim_schedule, ddim_sigma,
                          identity, scheduler)
-from ntrk_lightning import DPS, NTRK, SMC, SVDD, BestOfN, Plain, sample
+from ntrk_lightning import DAS, DPS, NTRK, RBF, SMC, SVDD, BestOfN, FreeDoM, Plain, PsiSampler, sample
 from ntrk_lightning.noise import sample_seeds
 
 pytestmark = pytest.mark.core
@@ -120,6 +120,9 @@ REDUCTIONS = {
     "best_of_1": lambda eta: BestOfN(n=1, eta=eta),
     "svdd_1": lambda eta: SVDD(candidates=1, eta=eta),
     "smc_1": lambda eta: SMC(particles=1, eta=eta),
+    "freedom_zero": lambda eta: FreeDoM(scale=0.0, form="unnormalized", repeats=0, eta=eta),
+    "rbf_budget_s": lambda eta: RBF(budget=7, eta=eta),
+    "psi_no_chains_1": lambda eta: PsiSampler(particles=1, lam=0.0, burn_in=0, mcmc_steps=0, eta=eta),
 }
 
 
@@ -134,7 +137,7 @@ def test_every_sampler_reduces_to_hand_written_ddim_with_its_eta(name, eta):
         spec = REDUCTIONS[name](eta)
         spec.validate()
     except ValueError:
-        assert eta == 0.0 and name in ("ntrk_zero", "svdd_1", "smc_1")
+        assert eta == 0.0 and name in ("ntrk_zero", "svdd_1", "smc_1", "rbf_budget_s", "psi_no_chains_1")
         return
     sch = scheduler()
     mean, std = _prior()
@@ -232,7 +235,10 @@ def test_nan_gradient_rows_are_exactly_plain_and_counted(spec):
 # ---- prompts follow rows: a paired property over many seeds ------------------------------------
 
 @pytest.mark.parametrize("spec", [NTRK(gamma=0.5), DPS(scale=0.3), BestOfN(n=3), SVDD(candidates=3),
-                                  SMC(particles=3, lam=3.0)], ids=lambda s: s.name)
+                                  SMC(particles=3, lam=3.0), FreeDoM(scale=0.3, repeats=1), RBF(budget=30),
+                                  DAS(particles=3, lam=3.0),
+                                  PsiSampler(particles=3, chains=1, burn_in=2, mcmc_steps=3, lam=3.0)],
+                         ids=lambda s: s.name)
 def test_prompts_steer_their_own_samples(spec):
     """Reward = +mean(x) for prompt "up", -mean(x) for "down". Each seed is sampled twice, once per
     prompt, on the same noise: only the prompt differs, so the paired difference
@@ -262,9 +268,17 @@ def test_prompts_steer_their_own_samples(spec):
     for c in calls:
         if len(c) == n * k:
             assert c in ([p for p in prompts for _ in range(k)], [p for p in swapped for _ in range(k)])
-        else:  # SVDD scores K candidates per sample
+        elif len(c) % n == 0:  # SVDD scores K candidates per sample
             kk = len(c) // n
             assert c in ([p for p in prompts for _ in range(kk)], [p for p in swapped for _ in range(kk)])
+        else:  # RBF scores only the samples still searching: an ordered subsequence of the rows
+            assert isinstance(spec, RBF)
+            assert _subsequence(c, prompts) or _subsequence(c, swapped), c
+
+
+def _subsequence(short, long):
+    it = iter(long)
+    return all(q in it for q in short)
 
 
 # ---- NFE / gradient accounting and the result record -------------------------------------------
@@ -279,6 +293,12 @@ def test_prompts_steer_their_own_samples(spec):
     (SVDD(candidates=3), 1 + 3 * 9, 0),
     (SMC(particles=3), 30, 0),
     (SMC(particles=3, proposal="guided"), 30, 27),
+    # FreeDoM: S + r * (steps in the travel window), each redo of a guided step one more gradient
+    (FreeDoM(scale=0.1, repeats=2, travel_window=(0.0, 0.5)), 10 + 2 * 5, 9 + 2 * 5),
+    (RBF(budget=25), 25, 0),
+    (DAS(particles=3, lam=1.0), 30, 27),
+    # Psi: C chains of (1 + burn_in + mcmc_steps) evaluations with a gradient each, then guided SMC
+    (PsiSampler(particles=4, chains=2, burn_in=1, mcmc_steps=2, lam=1.0), 2 * 4 + 40, 2 * 4 + 4 * 9),
 ], ids=lambda v: getattr(v, "name", str(v)))
 def test_nfe_and_gradient_accounting(spec, nfe, grads):
     """Counts per returned sample, S = 10 steps, DDIM's last step deterministic: NTRK/DPS take one
@@ -304,7 +324,9 @@ def test_nfe_and_gradient_accounting(spec, nfe, grads):
 
 @pytest.mark.parametrize("spec", [Plain(), NTRK(gamma=0.3), DPS(scale=0.1), BestOfN(n=3),
                                   SVDD(candidates=3, alpha=0.3), SMC(particles=3, lam=2.0, select="sample",
-                                                                     resampling="multinomial")],
+                                                                     resampling="multinomial"),
+                                  FreeDoM(scale=0.1, repeats=1), RBF(budget=20), DAS(particles=3, lam=2.0),
+                                  PsiSampler(particles=2, chains=1, burn_in=1, mcmc_steps=2, lam=1.0)],
                          ids=lambda s: s.name)
 def test_samples_do_not_depend_on_batch_composition(spec):
     sch = scheduler()
@@ -498,3 +520,38 @@ def test_validation_messages_and_describe():
     d = BestOfN(n=3, inner=NTRK(rho=0.2)).describe()
     assert d["name"] == "best_of_n" and d["n"] == 3 and d["inner"]["name"] == "ntrk" and d["inner"]["rho"] == 0.2
     assert NTRK(window=(0.1, 0.9)).describe()["window"] == [0.1, 0.9]
+
+
+# ---- the paper's baselines at their trivial settings -------------------------------------------
+
+def test_freedom_without_time_travel_is_dps_and_time_travel_renoises():
+    """repeats = 0: FreeDoM is DPS sample for sample (same gradients); on the deterministic kernel
+    (eta = 0) a redo from the step's own x_t would land on the same point, so only the forward
+    re-noising can move an unguided time-travelling path off the plain one."""
+    sch = scheduler()
+    mean, std = _prior()
+    den = GaussianDenoiser(sch, mean, std)
+    reward = Linear(_direction())
+    kw = dict(shape=(4, D), seed=2, decode=identity, dtype=F64)
+    dps = sample(den, sch, reward, DPS(scale=0.2), 8, **kw)
+    fd = sample(den, sch, reward, FreeDoM(scale=0.2, repeats=0), 8, **kw)
+    assert torch.equal(fd.samples, dps.samples) and fd.grad_evals == dps.grad_evals and fd.nfe == dps.nfe
+    det = sample(den, sch, reward, Plain(eta=0.0), 8, **kw)
+    tt = sample(den, sch, reward, FreeDoM(scale=0.0, form="unnormalized", eta=0.0, repeats=1), 8, **kw)
+    assert ((tt.samples - det.samples).norm(dim=1) > 1e-3).all()
+
+
+def test_das_at_lam_zero_is_plain_sampling_on_the_first_child_stream():
+    """lam = 0: no potential and no proposal shift, so the weights stay uniform and DAS returns
+    particle 0 (largest weight, first index): a plain trajectory on child stream (sample, 0)."""
+    from ntrk_lightning.noise import derive_seed
+
+    sch = scheduler()
+    mean, std = _prior()
+    den = GaussianDenoiser(sch, mean, std)
+    seeds = sample_seeds(7, 5)
+    das = sample(den, sch, Linear(_direction()), DAS(particles=4, lam=0.0), 6, (5, D), seed=seeds,
+                 decode=identity, dtype=F64)
+    plain = sample(den, sch, None, Plain(), 6, (5, D), seed=[derive_seed(s, 0, 0) for s in seeds],
+                   decode=identity, dtype=F64)
+    assert torch.allclose(das.samples, plain.samples, rtol=1e-10, atol=1e-10) and das.grad_evals == 0

@@ -200,6 +200,7 @@ def _check_gaussian(x, mean, var, n):
     assert (x.var(0) - var).abs().max() < 6 * var * math.sqrt(2.0 / n), (x.var(0), var)
 
 
+@pytest.mark.core
 def test_pcnl_leaves_the_linearly_tilted_prior_invariant_and_converges_to_it():
     """Prior N(0, I), reward r(x) = <a, x>: the tilted law is N(lam a, I). 6000 chains in 6 dims."""
     n, d, lam = 6000, 6, 1.5
@@ -216,6 +217,7 @@ def test_pcnl_leaves_the_linearly_tilted_prior_invariant_and_converges_to_it():
     _check_gaussian(x, target, 1.0, n)
 
 
+@pytest.mark.core
 def test_pcnl_metropolis_correction_keeps_a_curved_tilt_invariant():
     """Phi(x) = -kappa |x|^2 / 2 + <b, x>: the tilted law is N(b / (1 + kappa), I / (1 + kappa)).
     The proposal alone is not exact here (step 1, kappa = 1: its stationary variance is 2/3, not
@@ -251,6 +253,7 @@ def test_psi_without_chains_is_smc_and_counts_its_chains(gmm_testbed, gmm_reward
         assert res.extras["mcmc_nfe"] == chain and 0 < res.extras["mcmc_acceptance"] <= 1
 
 
+@pytest.mark.core
 def test_psi_first_weights_count_the_tilt_of_the_initial_particles_once():
     """Particles drawn from p(x_T) exp(lam_mcmc r_T) carry importance weight exp(-lam_mcmc r_T)
     against prior draws, so with the difference potential (first increment lam_0 r_T) the first
@@ -264,6 +267,7 @@ def test_psi_first_weights_count_the_tilt_of_the_initial_particles_once():
     assert torch.equal(PsiSampler(burn_in=0, mcmc_steps=0).initial_log_weights(r), torch.zeros_like(r))
 
 
+@pytest.mark.core
 def test_psi_thinning_picks_evenly_spaced_kept_states():
     psi = PsiSampler(particles=6, chains=3, burn_in=0, mcmc_steps=7)
     assert psi.thinned(7, 2) == [3, 6] and psi.thinned(7, 1) == [6] and psi.thinned(4, 4) == [0, 1, 2, 3]
