@@ -29,6 +29,7 @@ def _gaussian_streams(n, d, seed):
 
 # ---- the kernels' forward transition (FreeDoM's re-noising) ----------------------------------
 
+@pytest.mark.core
 @pytest.mark.parametrize("flow", [False, True], ids=["ddim", "flow"])
 def test_renoise_draws_the_forward_transition(flow):
     """x_s = alpha_s x0 + sigma_s e re-noised by step i must be a draw of x_t = alpha_t x0 +
