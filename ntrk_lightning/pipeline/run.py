@@ -30,9 +30,9 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
-from ntrk_lightning.fileio import atomic_write_json, file_identity, sha256_file
+from ntrk_lightning.fileio import atomic_write_json, file_identity, json_safe, sha256_file
 from ntrk_lightning.pipeline import layout
 
 RUN_JSON = layout.RUN_JSON
@@ -442,33 +442,95 @@ def _check_record(rec_path: Path, key: layout.Key, prompts: Sequence[str]) -> tu
     return rec, None
 
 
+#: ``NTRK_FULL_CHECK=1``: check every finished sample in full (read its record, hash its PNG),
+#: ignoring the stat signatures of the record shards (e.g. after suspected media corruption)
+FULL_CHECK_ENV = "NTRK_FULL_CHECK"
+
+
+class Finished(NamedTuple):
+    """What :func:`verify_finished` found."""
+
+    #: finished key -> its record
+    records: dict[layout.Key, dict[str, Any]]
+    #: finished key -> the record's JSON text (its ``records.jsonl`` line, no newline)
+    lines: dict[layout.Key, str]
+    #: ``{"key", "problem"}`` of every damaged sample (deleted, to be generated again)
+    problems: list[dict[str, Any]]
+
+
+def _quick_accept(entry: Optional[layout.ShardEntry], base: str, image: str, key: layout.Key,
+                  prompts: Sequence[str]) -> bool:
+    """Whether a sample's shard entry stands for it without reading its files: the entry has a
+    stat signature, both files still have it, and the record names this image and prompt."""
+    if entry is None or entry.signature is None:
+        return False
+    try:
+        if layout.stat_signature(base + ".png", base + ".json") != entry.signature:
+            return False
+    except OSError:
+        return False
+    rec, p = entry.record, key[1]
+    return rec.get("image") == image and (p >= len(prompts) or rec.get("prompt", "") == prompts[p])
+
+
+def _full_check(out: Path, base: str, key: layout.Key, prompts: Sequence[str]) -> tuple[dict[str, Any], Optional[str]]:
+    """(record, problem or ``None``): the record file parsed and its PNG's size and checksum checked."""
+    rec_path, png_path = Path(base + ".json"), Path(base + ".png")
+    rec, reason = _check_record(rec_path, key, prompts)
+    if reason is None:
+        reason = _check_png(png_path, rec)
+    if reason is None:
+        rec["image"] = png_path.relative_to(out).as_posix()  # where it is, whatever the layout
+    return rec, reason
+
+
 def verify_finished(out: Path, arms: Sequence[str], wanted: Iterable[layout.Key],
-                    prompts: Sequence[str]) -> tuple[dict[layout.Key, dict[str, Any]], list[dict[str, Any]]]:
-    """(finished key -> its record, problems): every requested sample with a record is checked; a
-    sample whose record or PNG is damaged, or whose record belongs to another key or prompt, is
-    deleted (record first, so it never counts as finished) and reported in ``problems`` to be
-    generated again. Sharded and flat (older) folders alike."""
+                    prompts: Sequence[str]) -> Finished:
+    """Every requested sample with a record is checked; a sample whose record or PNG is damaged,
+    or whose record belongs to another key or prompt, is deleted (record first, so it never
+    counts as finished) and reported in ``problems`` to be generated again. Sharded and flat
+    (older) folders alike.
+
+    The common case costs two ``stat`` calls per sample: a sample whose record shard line carries
+    the stat signature its files still have is accepted from the shard (see :mod:`.layout`).
+    Everything else gets the full check (record parsed, PNG size and sha256): a changed size or
+    mtime, a sample on disk but in no shard (a kill between its files and its shard line), a
+    folder from before shards. Samples that pass the full check are added to a new shard with
+    their current signature, so the next resume takes the quick path for them too."""
     wanted = set(wanted)
     finished: dict[layout.Key, dict[str, Any]] = {}
+    lines: dict[layout.Key, str] = {}
     problems: list[dict[str, Any]] = []
+    adopted: list[str] = []
+    shards = {} if os.environ.get(FULL_CHECK_ENV, "0") not in ("", "0") else layout.read_shards(out)
     located = layout.locate_records(out, arms)
+    skip = len(f"{out}{os.sep}")
     for k in sorted(located.keys() & wanted):
-        rec_path = located[k]
-        png_path = rec_path.with_suffix(".png")
-        rec, reason = _check_record(rec_path, k, prompts)
+        base = located[k]
+        image = base[skip:] + ".png" if os.sep == "/" else Path(base[skip:] + ".png").as_posix()
+        entry = shards.get(k)
+        if _quick_accept(entry, base, image, k, prompts):
+            finished[k], lines[k] = entry.record, entry.text  # type: ignore[union-attr]
+            continue
+        rec, reason = _full_check(out, base, k, prompts)
         if reason is None:
-            reason = _check_png(png_path, rec)
-        if reason is None:
-            rec["image"] = png_path.relative_to(out).as_posix()  # where it is, whatever the layout
             finished[k] = rec
+            lines[k] = json.dumps(json_safe(rec))
+            try:
+                adopted.append(layout.shard_line(lines[k], layout.stat_signature(base + ".png", base + ".json")))
+            except OSError:
+                pass
             continue
         problems.append({"key": layout.key(*k), "problem": reason})
-        for f in (rec_path, png_path):
+        for f in (base + ".json", base + ".png"):
             try:
-                f.unlink()
+                os.unlink(f)
             except FileNotFoundError:
                 pass
-    return finished, problems
+    if adopted:
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        layout.append_lines(out / layout.RECORD_SHARDS / f"{stamp}.checked.jsonl", adopted)
+    return Finished(finished, lines, problems)
 
 
 # ---------------------------------------------------------------------------------------------
