@@ -104,9 +104,9 @@ def flatten_run(out: Path) -> None:
     import shutil
 
     for arm_dir in (out / "images").iterdir():
-        for shard in [d for d in arm_dir.iterdir() if d.is_dir()]:
-            for f in shard.iterdir():
-                f.rename(arm_dir / f.name)
+        for f in [p for p in arm_dir.rglob("*") if p.is_file()]:  # two levels of shard folders
+            f.rename(arm_dir / f.name)
+        for shard in sorted((d for d in arm_dir.rglob("*") if d.is_dir()), reverse=True):
             shard.rmdir()
         for rec_path in arm_dir.glob("*.json"):
             rec = json.loads(rec_path.read_text())

@@ -1,6 +1,8 @@
 """`ntrk predict` on one process: outputs, determinism, resumption after a kill, clear errors."""
 
 import json
+import os
+from pathlib import Path
 import shutil
 import signal
 import subprocess
@@ -216,3 +218,57 @@ def test_plan_states_uses_only_state_files_that_still_match(tmp_path):
     files, reread = run.plan_states(tmp_path, finished)
     assert files == ["r1"]
     assert reread == [("a", 0, 2), ("a", 0, 3), ("a", 0, 4), ("a", 0, 5)]
+
+
+def _refuse_reads(monkeypatch):
+    """Make reading a per-sample record or hashing a PNG on resume fail loudly."""
+    from ntrk_lightning.pipeline import run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a finished sample's file was read: {args[:1]}")
+
+    monkeypatch.setattr(run, "sha256_file", refuse)
+    monkeypatch.setattr(run, "_check_record", refuse)
+    monkeypatch.setattr(run, "_check_png", refuse)
+
+
+def test_resume_of_an_intact_folder_reads_no_record_file_and_hashes_no_png(small_run, tmp_path, monkeypatch):
+    """The record shards carry each sample's stat signature: with every file unchanged, resuming
+    accepts all finished samples from the shards, and records.jsonl stays the same bytes."""
+    from ntrk_lightning.pipeline import layout, run
+
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)  # copy2 keeps size and mtime_ns
+    before = (out / "records.jsonl").read_bytes()
+    keys = expected_keys(["ntrk", "plain"], N)
+    wanted = {(k.split("/")[0], 0, int(k[-5:])) for k in keys}
+    _refuse_reads(monkeypatch)
+    found = run.verify_finished(out, ["ntrk", "plain"], wanted, [""])
+    assert set(found.records) == wanted and not found.problems
+    assert "\n".join(found.lines[k] for k in sorted(wanted)) + "\n" == before
+    run_in_process(predict_args(out))  # the whole rerun too
+    assert metrics(out)["last_run"]["generated_this_run"] == 0
+    assert (out / "records.jsonl").read_bytes() == before
+
+
+def test_changed_mtime_same_content_passes_the_full_check_and_is_resigned(small_run, tmp_path, monkeypatch):
+    """A sample whose file changed mtime but not content (touched, copied without -p) is checked
+    in full, accepted (not counted damaged), and signed again so the next resume is quick."""
+    from ntrk_lightning.pipeline import layout, run
+
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)
+    wanted = {(a, 0, s) for a in ("ntrk", "plain") for s in range(N)}
+    png = layout.image_path(out, "ntrk", 0, 4)
+    st = png.stat()
+    os.utime(png, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    checked = []
+    real = run._check_png
+    monkeypatch.setattr(run, "_check_png", lambda path, rec: checked.append(Path(path).name) or real(path, rec))
+    found = run.verify_finished(out, ["ntrk", "plain"], wanted, [""])
+    assert set(found.records) == wanted and not found.problems and png.is_file()
+    assert checked == ["p00000_s00004.png"]
+    monkeypatch.undo()
+    _refuse_reads(monkeypatch)  # signed again: quick this time
+    found = run.verify_finished(out, ["ntrk", "plain"], wanted, [""])
+    assert set(found.records) == wanted and not found.problems

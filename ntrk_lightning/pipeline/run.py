@@ -502,14 +502,15 @@ def verify_finished(out: Path, arms: Sequence[str], wanted: Iterable[layout.Key]
     lines: dict[layout.Key, str] = {}
     problems: list[dict[str, Any]] = []
     adopted: list[str] = []
-    shards = {} if os.environ.get(FULL_CHECK_ENV, "0") not in ("", "0") else layout.read_shards(out)
+    quick = os.environ.get(FULL_CHECK_ENV, "0") in ("", "0")
+    shards = layout.read_shards(out)
     located = layout.locate_records(out, arms)
     skip = len(f"{out}{os.sep}")
     for k in sorted(located.keys() & wanted):
         base = located[k]
         image = base[skip:] + ".png" if os.sep == "/" else Path(base[skip:] + ".png").as_posix()
         entry = shards.get(k)
-        if _quick_accept(entry, base, image, k, prompts):
+        if quick and _quick_accept(entry, base, image, k, prompts):
             finished[k], lines[k] = entry.record, entry.text  # type: ignore[union-attr]
             continue
         rec, reason = _full_check(out, base, k, prompts)
@@ -517,9 +518,11 @@ def verify_finished(out: Path, arms: Sequence[str], wanted: Iterable[layout.Key]
             finished[k] = rec
             lines[k] = json.dumps(json_safe(rec))
             try:
-                adopted.append(layout.shard_line(lines[k], layout.stat_signature(base + ".png", base + ".json")))
+                signature = layout.stat_signature(base + ".png", base + ".json")
             except OSError:
-                pass
+                continue
+            if entry is None or entry.signature != signature or entry.text != lines[k]:
+                adopted.append(layout.shard_line(lines[k], signature))
             continue
         problems.append({"key": layout.key(*k), "problem": reason})
         for f in (base + ".json", base + ".png"):
@@ -545,7 +548,9 @@ def plan_states(out: Path, finished: dict[layout.Key, dict[str, Any]]) -> tuple[
     """(state files to load, finished keys they do not cover). A state file counts when its key
     list names only finished samples whose PNG checksum is the one it was computed from, and no
     sample an earlier file already covers; the keys no file covers are read back from disk."""
-    by_key = {layout.key(*k): k for k in finished}
+    # key string -> (key, PNG checksum), built once: a state file's check is then one dict
+    # look-up per sample it covers
+    by_key = {layout.key(*k): (k, rec.get("png_sha256")) for k, rec in finished.items()}
     covered: set[layout.Key] = set()
     files: list[str] = []
     folder = out / layout.STATES
@@ -554,10 +559,14 @@ def plan_states(out: Path, finished: dict[layout.Key, dict[str, Any]]) -> tuple[
             continue
         try:
             keys = json.loads(index.read_text(encoding="utf-8"))["keys"]
-            mine = [by_key[k] for k in keys]
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-            continue  # unreadable, or names a sample that is no longer finished
-        if any(finished[k].get("png_sha256") != keys[layout.key(*k)] for k in mine) or covered.intersection(mine):
+            hits = [by_key.get(k) for k in keys]
+            # every sample still finished, with the checksum the states were computed from
+            if not all(hit is not None and hit[1] == sha for hit, sha in zip(hits, keys.values())):
+                continue
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # unreadable
+        mine = [hit[0] for hit in hits]  # type: ignore[index]
+        if covered.intersection(mine):
             continue
         covered.update(mine)
         files.append(index.stem)
