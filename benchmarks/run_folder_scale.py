@@ -134,13 +134,21 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t, value
 
 
+def _timed_cpu(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(wall seconds, CPU seconds of this process, value): on a shared machine the CPU time is
+    what an idle one would take, give or take cache and frequency effects."""
+    t, c = time.perf_counter(), time.process_time()
+    value = fn()
+    return time.perf_counter() - t, time.process_time() - c, value
+
+
 def _end_of_run(out: Path, records: list[dict[str, Any]], lines: list[str], finished: dict) -> dict[str, float]:
     from metrics.group import merge_group_states, summarize_group
     from ntrk_lightning.pipeline import layout, run
     from ntrk_lightning.pipeline.data import Resume
     from ntrk_lightning.pipeline.writer import SampleWriter, metrics_json
 
-    t_plan, (files, reread) = _timed(lambda: run.plan_states(out, finished))
+    t_plan, cpu_plan, (files, reread) = _timed_cpu(lambda: run.plan_states(out, finished))
     assert files == ["run0.rank00000"] and not reread, (files, len(reread))
     groups = _groups()
 
@@ -165,7 +173,7 @@ def _end_of_run(out: Path, records: list[dict[str, Any]], lines: list[str], fini
                  "primary_reward": "reward", "reward": None, "eval_rewards": {}, "fid_reference": "x",
                  "fid_feature": "x"}
     t_metrics, _ = _timed(lambda: metrics_json(out, described, {ARM: {}}, ordered, [], [ARM]))
-    return {"plan_states_s": t_plan, "merge_states_s": t_merge, "summary_s": t_summary,
+    return {"plan_states_s": t_plan, "plan_states_cpu_s": cpu_plan, "merge_states_s": t_merge, "summary_s": t_summary,
             "records_jsonl_s": t_records, "metrics_json_s": t_metrics,
             "records_jsonl_mb": round((out / layout.RECORDS).stat().st_size / 1e6, 1)}
 
@@ -192,7 +200,8 @@ def measure(n: int, files: bool, root: Path) -> dict[str, Any]:
         keys = {(ARM, 0, s) for s in range(n)}
         res["locate_records_s"], located = _timed(lambda: layout.locate_records(out, [ARM]))
         assert len(located) == n
-        res["verify_finished_s"], found = _timed(lambda: run.verify_finished(out, [ARM], keys, [""]))
+        res["verify_finished_s"], res["verify_finished_cpu_s"], found = _timed_cpu(
+            lambda: run.verify_finished(out, [ARM], keys, [""]))
         assert len(found.records) == n and not found.problems
         assert not [p for p in (out / layout.RECORD_SHARDS).iterdir() if p.name != "run0.rank00000.jsonl"]
         assert [found.lines[k] for k in sorted(keys)] == texts
@@ -228,20 +237,24 @@ def _derive(rows: list[dict[str, Any]]) -> None:
         r["plan_states_us_per_sample"] = round(1e6 * r["plan_states_s"] / n, 3)
         if "verify_us_per_sample" in r:
             r["resume_us_per_sample"] = round(r["verify_us_per_sample"] + r["plan_states_us_per_sample"], 2)
+            cpu = r.get("verify_finished_cpu_s", ref["verify_finished_cpu_s"] / ref["finished"] * n)
+            r["resume_cpu_us_per_sample"] = round(1e6 * (cpu + r["plan_states_cpu_s"]) / n, 2)
         r["end_of_run_s"] = round(r["merge_states_s"] + r["summary_s"] + r["records_jsonl_s"] + r["metrics_json_s"], 3)
         r["records_jsonl_us_per_sample"] = round(1e6 * r["records_jsonl_s"] / n, 3)
         r["end_of_run_us_per_sample"] = round(1e6 * r["end_of_run_s"] / n, 3)
 
 
 def _markdown(rows: list[dict[str, Any]], machine: str) -> str:
-    head = ("| finished | files | resume µs/sample | of which list | plan states | full check µs/sample (before) "
+    head = ("| finished | files | resume µs/sample | CPU µs/sample | of which list | plan states | full check µs/sample (before) "
             "| merge s | summary s | records.jsonl s (µs/sample) | metrics.json s | end of run s "
             "| before: read back s |")
     lines = [f"# Run folder scale ({machine})", "",
              "`python -m benchmarks.run_folder_scale`: resuming and finishing a run whose folder already "
              "holds N finished samples (one arm). Resume = `run.verify_finished` (listing the record "
              "files, parsing the record shards once, two `stat` calls per sample against the stat "
-             "signature in its shard line) + `run.plan_states` (choosing the persisted metric states). "
+             "signature in its shard line) + `run.plan_states` (choosing the persisted metric states), "
+             "wall-clock and CPU time of the process (the CPU time is closer to what an idle machine "
+             "takes). "
              "Full check = parsing each record file and hashing its PNG, as every resume did before "
              "signatures (and still does for a changed file or an older folder; timed on "
              f"{OLD_PATH_SAMPLES} samples). End of run = merging the states, summarising (reward "
@@ -257,10 +270,11 @@ def _markdown(rows: list[dict[str, Any]], machine: str) -> str:
              f"Measured on a machine shared with other jobs (load average {os.getloadavg()[0]:.1f} on "
              f"{os.cpu_count()} cores at the end): absolute times are several times those of an idle "
              "machine, and rows measured at different moments saw different loads.", "",
-             head, "|" + "---:|" * 12]
+             head, "|" + "---:|" * 13]
     for r in rows:
         lines.append(f"| {r['finished']} | {'yes' if r['per_sample_files'] else 'no'} | "
-                     f"{r.get('resume_us_per_sample', '–')} | {r.get('list_us_per_sample', '–')} | "
+                     f"{r.get('resume_us_per_sample', '–')} | {r.get('resume_cpu_us_per_sample', '–')} | "
+                     f"{r.get('list_us_per_sample', '–')} | "
                      f"{r['plan_states_us_per_sample']} | {r.get('full_check_us_per_sample', '–')} | "
                      f"{r['merge_states_s']:.3f} | {r['summary_s']:.3f} | "
                      f"{r['records_jsonl_s']:.3f} ({r['records_jsonl_us_per_sample']}) | {r['metrics_json_s']:.3f} | "

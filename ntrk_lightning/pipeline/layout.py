@@ -267,10 +267,10 @@ def read_shard(path: Path) -> list[ShardEntry]:
     lines = [ln for ln in text.split("\n") if ln]
     entries = []
     for line, obj in zip(lines, _shard_objects(lines)):
-        if not isinstance(obj, dict):
+        if obj.__class__ is not dict:
             continue
         sig = obj.pop(SIGNATURE, None)
-        if isinstance(sig, list) and len(sig) == 4 and line.endswith("]}"):
+        if sig.__class__ is list and len(sig) == 4:
             entries.append(ShardEntry(obj, line[: line.rindex(_SIGNATURE_SEP)] + "}", sig))
         else:
             entries.append(ShardEntry(obj, line, None))
@@ -286,10 +286,9 @@ def read_shards(out: Path) -> dict[Key, ShardEntry]:
         return index
     for path in sorted(folder.glob("*.jsonl")):
         for entry in read_shard(path):
-            try:
-                index[record_key(entry.record)] = entry
-            except (KeyError, TypeError, ValueError):
-                continue
+            rec = entry.record
+            # the key as JSON gave it: a record with odd types matches no listed file (full check)
+            index[(rec.get("arm"), rec.get("prompt_index"), rec.get("sample_index"))] = entry  # type: ignore[index]
     return index
 
 

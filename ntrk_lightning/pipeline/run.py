@@ -458,10 +458,10 @@ class Finished(NamedTuple):
     problems: list[dict[str, Any]]
 
 
-def _quick_accept(entry: Optional[layout.ShardEntry], base: str, image: str, key: layout.Key,
-                  prompts: Sequence[str]) -> bool:
+def _quick_accept(entry: Optional[layout.ShardEntry], base: str, image: str, prompt: Optional[str]) -> bool:
     """Whether a sample's shard entry stands for it without reading its files: the entry has a
-    stat signature, both files still have it, and the record names this image and prompt."""
+    stat signature, both files still have it, and the record names this image and the
+    requested prompt (``None``: any)."""
     if entry is None or entry.signature is None:
         return False
     try:
@@ -469,8 +469,8 @@ def _quick_accept(entry: Optional[layout.ShardEntry], base: str, image: str, key
             return False
     except OSError:
         return False
-    rec, p = entry.record, key[1]
-    return rec.get("image") == image and (p >= len(prompts) or rec.get("prompt", "") == prompts[p])
+    rec = entry.record
+    return rec.get("image") == image and (prompt is None or rec.get("prompt", "") == prompt)
 
 
 def _full_check(out: Path, base: str, key: layout.Key, prompts: Sequence[str]) -> tuple[dict[str, Any], Optional[str]]:
@@ -506,11 +506,12 @@ def verify_finished(out: Path, arms: Sequence[str], wanted: Iterable[layout.Key]
     shards = layout.read_shards(out)
     located = layout.locate_records(out, arms)
     skip = len(f"{out}{os.sep}")
-    for k in sorted(located.keys() & wanted):
+    n_prompts = len(prompts)
+    for k in located.keys() & wanted:  # the data module sorts the finished keys
         base = located[k]
         image = base[skip:] + ".png" if os.sep == "/" else Path(base[skip:] + ".png").as_posix()
         entry = shards.get(k)
-        if quick and _quick_accept(entry, base, image, k, prompts):
+        if quick and _quick_accept(entry, base, image, prompts[k[1]] if k[1] < n_prompts else None):
             finished[k], lines[k] = entry.record, entry.text  # type: ignore[union-attr]
             continue
         rec, reason = _full_check(out, base, k, prompts)
