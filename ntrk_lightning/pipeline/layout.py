@@ -2,7 +2,8 @@
 
 Every file is written to a temporary name in the same folder and renamed into place, so readers
 (and a rerun after a kill) only ever see complete files. A sample counts as finished when its
-JSON record exists and checks out against its PNG (size and sha256, :mod:`.run`); the record is
+JSON record exists and checks out against its PNG (size and sha256, or the stat signature of
+both files in its record-shard line, :mod:`.run`); the record is
 written after its PNG, so a finished sample always has both. A sample whose final image is not
 finite gets no PNG and no record but a ``<stem>.failed.json`` marker, and is generated again by
 the next run.

@@ -17,9 +17,10 @@ checks of finished samples on resume (see docs/run_format.md).
   module's ``setup`` (before any rank loads a model) and the other ranks learn the outcome by
   broadcast.
 * **Integrity.** A finished sample is a record JSON and its PNG; the record carries the PNG's
-  byte size and sha256. On resume every finished sample of the request is checked (record
-  parses and names its own key and prompt, PNG size and checksum match); anything else is
-  deleted, counted and generated again.
+  byte size and sha256. On resume every finished sample of the request is checked: quickly, when
+  both files still have the size and mtime its record-shard line says (the stat signature, see
+  :mod:`.layout`), else in full (record parses and names its own key and prompt, PNG size and
+  checksum match); anything that fails is deleted, counted and generated again.
 """
 
 from __future__ import annotations
