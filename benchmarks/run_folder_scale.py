@@ -134,12 +134,17 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t, value
 
 
-def _timed_cpu(fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    """(wall seconds, CPU seconds of this process, value): on a shared machine the CPU time is
-    what an idle one would take, give or take cache and frequency effects."""
-    t, c = time.perf_counter(), time.process_time()
-    value = fn()
-    return time.perf_counter() - t, time.process_time() - c, value
+def _timed_cpu(fn: Callable[[], Any], repeat: int = 3) -> tuple[float, float, Any]:
+    """(wall seconds, CPU seconds of this process, value), each the least of ``repeat`` calls (as
+    ``timeit`` does: on a shared machine the rest is other jobs); the CPU time is closer to what an
+    idle machine takes. Only for steps that change nothing on disk."""
+    walls, cpus = [], []
+    for _ in range(repeat):
+        t, c = time.perf_counter(), time.process_time()
+        value = fn()
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return min(walls), min(cpus), value
 
 
 def _end_of_run(out: Path, records: list[dict[str, Any]], lines: list[str], finished: dict) -> dict[str, float]:
@@ -198,7 +203,7 @@ def measure(n: int, files: bool, root: Path) -> dict[str, Any]:
     res: dict[str, Any] = {"finished": n, "per_sample_files": files, "build_s": round(t_build, 2)}
     if files:
         keys = {(ARM, 0, s) for s in range(n)}
-        res["locate_records_s"], located = _timed(lambda: layout.locate_records(out, [ARM]))
+        res["locate_records_s"], _, located = _timed_cpu(lambda: layout.locate_records(out, [ARM]))
         assert len(located) == n
         res["verify_finished_s"], res["verify_finished_cpu_s"], found = _timed_cpu(
             lambda: run.verify_finished(out, [ARM], keys, [""]))
@@ -253,8 +258,8 @@ def _markdown(rows: list[dict[str, Any]], machine: str) -> str:
              "holds N finished samples (one arm). Resume = `run.verify_finished` (listing the record "
              "files, parsing the record shards once, two `stat` calls per sample against the stat "
              "signature in its shard line) + `run.plan_states` (choosing the persisted metric states), "
-             "wall-clock and CPU time of the process (the CPU time is closer to what an idle machine "
-             "takes). "
+             "wall-clock and CPU time of the process, each the least of 3 calls (the CPU time is closer "
+             "to what an idle machine takes). "
              "Full check = parsing each record file and hashing its PNG, as every resume did before "
              "signatures (and still does for a changed file or an older folder; timed on "
              f"{OLD_PATH_SAMPLES} samples). End of run = merging the states, summarising (reward "

@@ -245,7 +245,7 @@ def test_resume_of_an_intact_folder_reads_no_record_file_and_hashes_no_png(small
     _refuse_reads(monkeypatch)
     found = run.verify_finished(out, ["ntrk", "plain"], wanted, [""])
     assert set(found.records) == wanted and not found.problems
-    assert "\n".join(found.lines[k] for k in sorted(wanted)) + "\n" == before
+    assert ("\n".join(found.lines[k] for k in sorted(wanted)) + "\n").encode() == before
     run_in_process(predict_args(out))  # the whole rerun too
     assert metrics(out)["last_run"]["generated_this_run"] == 0
     assert (out / "records.jsonl").read_bytes() == before
