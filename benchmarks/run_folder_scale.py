@@ -8,7 +8,9 @@ checksums, sharded as ``ntrk predict`` writes them, the record shard with each s
 signature, plus one persisted metric-state file as a finished earlier run leaves it) is built in
 a temporary folder, then the steps of the next run are timed with the project's own functions:
 
-* resume (rank 0, data module ``setup``): ``run.verify_finished``, which lists the record files
+* resume (rank 0, data module ``setup``): the scans for stale temporaries and failure markers
+  (``layout.remove_stale_temporaries``, ``layout.remove_failed``); ``run.verify_finished``, which
+  lists the record files
   (``layout.locate_records``, also timed alone), parses the record shards once and accepts every
   sample whose two files still have the stat signature of its shard line (two ``stat`` calls, no
   read, no hash); then ``run.plan_states``, choosing the persisted states that cover them. For
@@ -205,6 +207,8 @@ def measure(n: int, files: bool, root: Path) -> dict[str, Any]:
         keys = {(ARM, 0, s) for s in range(n)}
         res["locate_records_s"], _, located = _timed_cpu(lambda: layout.locate_records(out, [ARM]))
         assert len(located) == n
+        res["housekeeping_s"], res["housekeeping_cpu_s"], _ = _timed_cpu(  # the data module's other scans
+            lambda: (layout.remove_stale_temporaries(out, [ARM]), layout.remove_failed(out, [ARM], set())))
         res["verify_finished_s"], res["verify_finished_cpu_s"], found = _timed_cpu(
             lambda: run.verify_finished(out, [ARM], keys, [""]))
         assert len(found.records) == n and not found.problems
@@ -235,7 +239,9 @@ def _derive(rows: list[dict[str, Any]]) -> None:
         n = r["finished"]
         if ref is not None:
             list_us = 1e6 * (r.get("locate_records_s", ref["locate_records_s"] / ref["finished"] * n)) / n
-            check_us = 1e6 * (r.get("verify_finished_s", ref["verify_finished_s"] / ref["finished"] * n)) / n
+            check_s = r.get("verify_finished_s", ref["verify_finished_s"] / ref["finished"] * n)
+            check_s += r.get("housekeeping_s", ref["housekeeping_s"] / ref["finished"] * n)
+            check_us = 1e6 * check_s / n
             r["list_us_per_sample"], r["verify_us_per_sample"] = round(list_us, 2), round(check_us, 2)
             r["full_check_us_per_sample"] = round(r.get("full_check_us_per_sample", ref["full_check_us_per_sample"]), 2)
             r["old_end_of_run_s"] = round(ref["old_reread_us_per_sample"] * n / 1e6, 2)
@@ -243,6 +249,7 @@ def _derive(rows: list[dict[str, Any]]) -> None:
         if "verify_us_per_sample" in r:
             r["resume_us_per_sample"] = round(r["verify_us_per_sample"] + r["plan_states_us_per_sample"], 2)
             cpu = r.get("verify_finished_cpu_s", ref["verify_finished_cpu_s"] / ref["finished"] * n)
+            cpu += r.get("housekeeping_cpu_s", ref["housekeeping_cpu_s"] / ref["finished"] * n)
             r["resume_cpu_us_per_sample"] = round(1e6 * (cpu + r["plan_states_cpu_s"]) / n, 2)
         r["end_of_run_s"] = round(r["merge_states_s"] + r["summary_s"] + r["records_jsonl_s"] + r["metrics_json_s"], 3)
         r["records_jsonl_us_per_sample"] = round(1e6 * r["records_jsonl_s"] / n, 3)
@@ -255,7 +262,8 @@ def _markdown(rows: list[dict[str, Any]], machine: str) -> str:
             "| before: read back s |")
     lines = [f"# Run folder scale ({machine})", "",
              "`python -m benchmarks.run_folder_scale`: resuming and finishing a run whose folder already "
-             "holds N finished samples (one arm). Resume = `run.verify_finished` (listing the record "
+             "holds N finished samples (one arm). Resume = the data module's scans for stale temporaries "
+             "and failure markers + `run.verify_finished` (listing the record "
              "files, parsing the record shards once, two `stat` calls per sample against the stat "
              "signature in its shard line) + `run.plan_states` (choosing the persisted metric states), "
              "wall-clock and CPU time of the process, each the least of 3 calls (the CPU time is closer "

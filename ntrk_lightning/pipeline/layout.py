@@ -357,10 +357,11 @@ def locate_records(out: Path, arms: Sequence[str]) -> dict[Key, str]:
 def _failure_markers(out: Path, arms: Sequence[str]) -> Iterator[tuple[Key, Path]]:
     for arm in arms:
         for folder in _sample_folders(out, arm):
-            for path in folder.glob(f"p*_s*{FAILED_SUFFIX}"):
-                m = _STEM.match(path.name[: -len(FAILED_SUFFIX)])
+            # a cheap string test per file; the regular expression only for the (rare) markers
+            for name in [n for n in os.listdir(folder) if n.endswith(FAILED_SUFFIX)]:
+                m = _STEM.match(name[: -len(FAILED_SUFFIX)])
                 if m:
-                    yield (arm, int(m.group(1)), int(m.group(2))), path
+                    yield (arm, int(m.group(1)), int(m.group(2))), folder / name
 
 
 def iter_failed(out: Path, arms: Sequence[str]) -> Iterator[dict[str, Any]]:
@@ -390,9 +391,9 @@ def remove_stale_temporaries(out: Path, arms: Sequence[str]) -> int:
     folders = [out, out / STATES] + [f for arm in arms for f in _sample_folders(out, arm)]
     for folder in folders:
         if folder.is_dir():
-            for tmp in folder.glob(".*.tmp"):
+            for name in [m for m in os.listdir(folder) if m.startswith(".") and m.endswith(".tmp")]:
                 try:
-                    tmp.unlink()
+                    os.unlink(folder / name)
                     n += 1
                 except OSError:
                     pass
