@@ -1,6 +1,8 @@
 """`ntrk predict` on one process: outputs, determinism, resumption after a kill, clear errors."""
 
 import json
+import os
+from pathlib import Path
 import shutil
 import signal
 import subprocess
@@ -216,3 +218,109 @@ def test_plan_states_uses_only_state_files_that_still_match(tmp_path):
     files, reread = run.plan_states(tmp_path, finished)
     assert files == ["r1"]
     assert reread == [("a", 0, 2), ("a", 0, 3), ("a", 0, 4), ("a", 0, 5)]
+
+
+def _refuse_reads(monkeypatch):
+    """Make reading a per-sample record or hashing a PNG on resume fail loudly."""
+    from ntrk_lightning.pipeline import run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a finished sample's file was read: {args[:1]}")
+
+    monkeypatch.setattr(run, "sha256_file", refuse)
+    monkeypatch.setattr(run, "_check_record", refuse)
+    monkeypatch.setattr(run, "_check_png", refuse)
+
+
+def test_resume_of_an_intact_folder_reads_no_record_file_and_hashes_no_png(small_run, tmp_path, monkeypatch):
+    """The record shards carry each sample's stat signature: with every file unchanged, resuming
+    accepts all finished samples from the shards, and records.jsonl stays the same bytes."""
+    from ntrk_lightning.pipeline import layout, run
+
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)  # copy2 keeps size and mtime_ns
+    before = (out / "records.jsonl").read_bytes()
+    keys = expected_keys(["ntrk", "plain"], N)
+    wanted = {(k.split("/")[0], 0, int(k[-5:])) for k in keys}
+    _refuse_reads(monkeypatch)
+    found = run.verify_finished(out, ["ntrk", "plain"], wanted, [""])
+    assert set(found.records) == wanted and not found.problems
+    assert ("\n".join(found.lines[k] for k in sorted(wanted)) + "\n").encode() == before
+    run_in_process(predict_args(out))  # the whole rerun too
+    assert metrics(out)["last_run"]["generated_this_run"] == 0
+    assert (out / "records.jsonl").read_bytes() == before
+
+
+def test_changed_mtime_same_content_passes_the_full_check_and_is_resigned(small_run, tmp_path, monkeypatch):
+    """A sample whose file changed mtime but not content (touched, copied without -p) is checked
+    in full, accepted (not counted damaged), and signed again so the next resume is quick."""
+    from ntrk_lightning.pipeline import layout, run
+
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)
+    wanted = {(a, 0, s) for a in ("ntrk", "plain") for s in range(N)}
+    png = layout.image_path(out, "ntrk", 0, 4)
+    st = png.stat()
+    os.utime(png, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    checked = []
+    real = run._check_png
+    monkeypatch.setattr(run, "_check_png", lambda path, rec: checked.append(Path(path).name) or real(path, rec))
+    found = run.verify_finished(out, ["ntrk", "plain"], wanted, [""])
+    assert set(found.records) == wanted and not found.problems and png.is_file()
+    assert checked == ["p00000_s00004.png"]
+    monkeypatch.undo()
+    _refuse_reads(monkeypatch)  # signed again: quick this time
+    found = run.verify_finished(out, ["ntrk", "plain"], wanted, [""])
+    assert set(found.records) == wanted and not found.problems
+
+
+def _signed_folder(out, n=6):
+    """A run folder of ``n`` finished samples of arm ``a`` written as the writer does (files, then
+    their shard lines with stat signatures), without a model."""
+    import torch
+
+    from ntrk_lightning.pipeline import layout
+
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for s in range(n):
+        rec = layout.build_record("a", 0, "x", s, s, {"name": "plain"}, 2, {"reward": 0.5}, 2, 0, 0, 0.1, 0)
+        text, _ = layout.write_sample(out, rec, torch.randint(0, 256, (1, 8, 8), generator=g, dtype=torch.uint8))
+        # written "an hour ago": a damage below can never fall into the same mtime tick
+        png, rec_file = layout.image_path(out, "a", 0, s), layout.record_path(out, "a", 0, s)
+        for f in (png, rec_file):
+            os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns - 3600 * 10**9))
+        lines.append(layout.shard_line(text, layout.stat_signature(str(png), str(rec_file))))
+    layout.append_lines(out / layout.RECORD_SHARDS / "r0.rank00000.jsonl", lines)
+    return {("a", 0, s) for s in range(n)}
+
+
+def test_quick_check_sends_every_damage_to_the_full_check(tmp_path, monkeypatch):
+    """Each damage of test_faults' integrity test (garbage, empty and one-byte-flipped PNG,
+    truncated record, missing PNG), done to a signed folder, is found and deleted; the untouched
+    sample is accepted without being read; a sample on disk that no shard names is checked in full."""
+    from ntrk_lightning.pipeline import layout, run
+
+    monkeypatch.setenv("NTRK_FSYNC", "0")
+    wanted = _signed_folder(tmp_path, 7)
+    png = lambda s: layout.image_path(tmp_path, "a", 0, s)  # noqa: E731
+    png(0).write_bytes(os.urandom(300))
+    png(1).write_bytes(b"")
+    rec = layout.record_path(tmp_path, "a", 0, 2)
+    rec.write_text(rec.read_text()[:40])
+    png(3).unlink()
+    data = bytearray(png(4).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    png(4).write_bytes(bytes(data))
+    shard = tmp_path / layout.RECORD_SHARDS / "r0.rank00000.jsonl"
+    kept = shard.read_text().splitlines()
+    shard.write_text("\n".join(kept[:6]) + "\n")  # sample 6: files on disk, no shard line (a kill)
+    checked = []
+    real = run._check_png
+    monkeypatch.setattr(run, "_check_png", lambda path, r: checked.append(Path(path).name) or real(path, r))
+    found = run.verify_finished(tmp_path, ["a"], wanted, ["x"])
+    assert set(found.records) == {("a", 0, 5), ("a", 0, 6)}
+    assert sorted(p["key"] for p in found.problems) == [f"a/p00000_s0000{s}" for s in range(5)]
+    assert "p00000_s00005.png" not in checked and "p00000_s00006.png" in checked
+    assert not png(4).exists() and not layout.record_path(tmp_path, "a", 0, 4).exists()
+    assert found.lines[("a", 0, 5)] == layout.record_path(tmp_path, "a", 0, 5).read_text().rstrip("\n")

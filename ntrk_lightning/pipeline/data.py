@@ -126,6 +126,8 @@ class Resume:
     reread: list[layout.Key] = field(default_factory=list)
     records: dict[layout.Key, dict[str, Any]] = field(default_factory=dict)
     error: Optional[str] = None
+    #: finished key -> the record's JSON text (its ``records.jsonl`` line; rank 0 only)
+    lines: dict[layout.Key, str] = field(default_factory=dict)
 
     def shared(self) -> "Resume":
         """The part every rank receives (no records)."""
@@ -203,7 +205,7 @@ class PromptDataModule(pl.LightningDataModule):
             shared = trainer.strategy.broadcast(shared, src=0)
         if shared.error:
             raise run.RunFolderError(shared.error)  # every rank: no one waits for the others
-        shared.records = outcome.records  # rank 0's
+        shared.records, shared.lines = outcome.records, outcome.lines  # rank 0's
         self.resume = shared
         self.items = pending_items(requested, {tuple(k) for k in shared.finished})  # type: ignore[misc]
         world = trainer.world_size if trainer is not None else 1
@@ -219,10 +221,11 @@ class PromptDataModule(pl.LightningDataModule):
             identity = run.check_identity(out, fp)
         layout.remove_stale_temporaries(out, self.arms)
         # files of other prompt lists/sizes are not ours: only the requested keys are checked
-        records, problems = run.verify_finished(out, self.arms, keys, self.prompts)
-        layout.remove_failed(out, self.arms, keys - set(records))  # generated again now
-        state_files, reread = run.plan_states(out, records)
-        return Resume(sorted(records), problems, identity, state_files, reread, records)
+        found = run.verify_finished(out, self.arms, keys, self.prompts)
+        layout.remove_failed(out, self.arms, keys - set(found.records))  # generated again now
+        state_files, reread = run.plan_states(out, found.records)
+        return Resume(sorted(found.records), found.problems, identity, state_files, reread, found.records,
+                      lines=found.lines)
 
     @property
     def generated_this_run(self) -> int:

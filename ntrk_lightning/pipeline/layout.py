@@ -2,7 +2,8 @@
 
 Every file is written to a temporary name in the same folder and renamed into place, so readers
 (and a rerun after a kill) only ever see complete files. A sample counts as finished when its
-JSON record exists and checks out against its PNG (size and sha256, :mod:`.run`); the record is
+JSON record exists and checks out against its PNG (size and sha256, or the stat signature of
+both files in its record-shard line, :mod:`.run`); the record is
 written after its PNG, so a finished sample always has both. A sample whose final image is not
 finite gets no PNG and no record but a ``<stem>.failed.json`` marker, and is generated again by
 the next run.
@@ -20,7 +21,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 from torch import Tensor
@@ -168,19 +169,23 @@ def read_image_u8(path: Path) -> Tensor:
 
 # ---- writing -----------------------------------------------------------------------------------
 
-def write_sample(out: Path, record: dict[str, Any], image_u8: Tensor) -> None:
+def write_sample(out: Path, record: dict[str, Any], image_u8: Tensor) -> tuple[str, str]:
     """PNG first, then the record that marks the sample finished; the record gains the PNG's
-    ``png_bytes`` and ``png_sha256`` (checked on resume)."""
+    ``png_bytes`` and ``png_sha256`` (checked on resume). Returns the record's JSON text (as in
+    the record file and ``records.jsonl``) and its shard line (with the files' stat signature)."""
     import hashlib
 
     arm, p, s = record_key(record)
     data = png_bytes(image_u8)
     record["png_bytes"], record["png_sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    atomic_write_bytes(image_path(out, arm, p, s), data)
-    atomic_write_text(record_path(out, arm, p, s), json.dumps(json_safe(record)) + "\n")
+    png, rec = image_path(out, arm, p, s), record_path(out, arm, p, s)
+    text = json.dumps(json_safe(record))
+    atomic_write_bytes(png, data)
+    atomic_write_text(rec, text + "\n")
     fp = failed_path(out, arm, p, s)
     if fp.exists():  # an earlier run's failure of this sample is now superseded
         fp.unlink(missing_ok=True)
+    return text, shard_line(text, stat_signature(str(png), str(rec)))
 
 
 def write_failed(out: Path, record: dict[str, Any]) -> None:
@@ -189,37 +194,108 @@ def write_failed(out: Path, record: dict[str, Any]) -> None:
     atomic_write_text(failed_path(out, arm, p, s), json.dumps(json_safe(record)) + "\n")
 
 
-def append_lines(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    """Append records to a JSON-lines shard (one writer per file: a rank) and flush them to disk.
-    A kill can leave a partial last line, which readers skip."""
+# ---- record shards -----------------------------------------------------------------------------
+#
+# A shard line is a record's JSON text (byte for byte its ``records.jsonl`` line) with one more
+# field at the end, the *stat signature* of its two files: ``"files": [PNG size, PNG mtime_ns,
+# record size, record mtime_ns]`` taken right after both were written (the idea of git's index and
+# rsync's quick check). A resume that finds a sample's files with the same signature accepts the
+# shard's record without reading the record file or hashing the PNG; any write to either file
+# through the file system (truncation, an empty file after a power loss, a rewrite, a flipped
+# byte) changes its size or mtime, and then the full check runs. What a signature cannot see is
+# a change that keeps size and mtime: silent media corruption, or a same-size rewrite within one
+# timestamp tick of the original write; ``NTRK_FULL_CHECK=1`` checks every sample in full.
+
+#: the stat-signature field of a shard line (always its last field)
+SIGNATURE = "files"
+_SIGNATURE_SEP = f', "{SIGNATURE}": ['
+
+
+def stat_signature(png: str, record: str) -> list[int]:
+    """``[PNG size, PNG mtime_ns, record size, record mtime_ns]``; raises ``OSError`` if either is gone."""
+    a, b = os.stat(png), os.stat(record)
+    return [a.st_size, a.st_mtime_ns, b.st_size, b.st_mtime_ns]
+
+
+def shard_line(record_text: str, signature: Optional[Sequence[int]]) -> str:
+    """The shard line of a record's JSON text (an object) and its files' signature."""
+    if signature is None:
+        return record_text + "\n"
+    return f"{record_text[:-1]}{_SIGNATURE_SEP}{', '.join(str(int(v)) for v in signature)}]}}\n"
+
+
+def append_lines(path: Path, lines: Sequence[str]) -> None:
+    """Append shard lines (:func:`shard_line`) to a JSON-lines shard (one writer per file: a
+    rank) and flush them to disk. A kill can leave a partial last line, which readers skip."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(dumps_line(r) for r in records))
+        f.write("".join(lines))
         f.flush()
         if os.environ.get("NTRK_FSYNC", "1") != "0":
             os.fsync(f.fileno())
 
 
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    """The objects of a JSON-lines shard, skipping lines a kill left unfinished."""
-    out = []
+class ShardEntry(NamedTuple):
+    record: dict[str, Any]
+    #: the record's JSON text, its ``records.jsonl`` line (without the newline)
+    text: str
+    #: the stat signature of its files, ``None`` for a line without one
+    signature: Optional[list[int]]
+
+
+def _shard_objects(lines: list[str]) -> list[Any]:
+    """The JSON values of ``lines`` (one parse for the whole shard; line by line, with
+    unparsable lines as ``None``, when some line is damaged)."""
+    try:
+        return json.loads("[" + ",".join(lines) + "]")
+    except ValueError:
+        pass
+    objs: list[Any] = []
+    for line in lines:
+        try:
+            objs.append(json.loads(line))
+        except ValueError:
+            objs.append(None)
+    return objs
+
+
+def read_shard(path: Path) -> list[ShardEntry]:
+    """The entries of one record shard, in order, skipping lines a kill left unfinished."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
-        return out
-    for line in text.splitlines():
-        try:
-            obj = json.loads(line)
-        except ValueError:
+        return []
+    lines = [ln for ln in text.split("\n") if ln]
+    entries = []
+    for line, obj in zip(lines, _shard_objects(lines)):
+        if obj.__class__ is not dict:
             continue
-        if isinstance(obj, dict):
-            out.append(obj)
-    return out
+        sig = obj.pop(SIGNATURE, None)
+        if sig.__class__ is list and len(sig) == 4:
+            entries.append(ShardEntry(obj, line[: line.rindex(_SIGNATURE_SEP)] + "}", sig))
+        else:
+            entries.append(ShardEntry(obj, line, None))
+    return entries
 
 
-def write_records_jsonl(out: Path, records: Iterable[dict[str, Any]]) -> int:
-    """Rewrite ``records.jsonl`` (atomically) from ``records``; returns the count."""
-    lines = [json.dumps(json_safe(r)) for r in records]
+def read_shards(out: Path) -> dict[Key, ShardEntry]:
+    """Every record the run folder's shards hold, by key; a later shard (by name: run ids start
+    with their time) wins over an earlier one."""
+    index: dict[Key, ShardEntry] = {}
+    folder = out / RECORD_SHARDS
+    if not folder.is_dir():
+        return index
+    for path in sorted(folder.glob("*.jsonl")):
+        for entry in read_shard(path):
+            rec = entry.record
+            # the key as JSON gave it: a record with odd types matches no listed file (full check)
+            index[(rec.get("arm"), rec.get("prompt_index"), rec.get("sample_index"))] = entry  # type: ignore[index]
+    return index
+
+
+def write_records_jsonl(out: Path, lines: Sequence[str]) -> int:
+    """Rewrite ``records.jsonl`` (atomically) from the records' JSON texts (no re-encoding: a
+    byte copy of what the shards and this run hold); returns the count."""
     atomic_write_text(out / RECORDS, "\n".join(lines) + ("\n" if lines else ""))
     return len(lines)
 
@@ -257,30 +333,35 @@ def _sample_folders(out: Path, arm: str) -> list[Path]:
     return ([folder] if flat else []) + shards
 
 
-def locate_records(out: Path, arms: Sequence[str]) -> dict[Key, Path]:
-    """(arm, prompt, sample) -> record path of every sample with a record, not yet checked (see
-    :func:`ntrk_lightning.pipeline.run.verify_finished`); a sharded record wins over a flat one."""
-    found: dict[Key, Path] = {}
+def locate_records(out: Path, arms: Sequence[str]) -> dict[Key, str]:
+    """(arm, prompt, sample) -> path of the record without its ``.json`` suffix (a string; add
+    ``.png`` for the image) of every sample with a record, not yet checked (see
+    :func:`ntrk_lightning.pipeline.run.verify_finished`); a sharded record wins over a flat one.
+    Names are split with string methods, not a regular expression: this runs once per file."""
+    found: dict[Key, str] = {}
     for arm in arms:
         for folder in _sample_folders(out, arm):
-            with os.scandir(folder) as it:
-                for entry in it:
-                    name = entry.name
-                    if not name.endswith(".json") or name.endswith(FAILED_SUFFIX):
-                        continue
-                    m = _STEM.match(name[:-5])
-                    if m:
-                        found[(arm, int(m.group(1)), int(m.group(2)))] = folder / name
+            base = f"{folder}{os.sep}"
+            for name in os.listdir(folder):
+                if not name.endswith(".json") or name[0] != "p":
+                    continue
+                name = name[:-5]
+                cut = name.find("_s")
+                p, s = name[1:cut], name[cut + 2:]
+                # p00000_s00000: ASCII digits, five or more each (a .failed marker has none)
+                if cut >= 6 and len(s) >= 5 and p.isdigit() and s.isdigit() and name.isascii():
+                    found[(arm, int(p), int(s))] = base + name
     return found
 
 
 def _failure_markers(out: Path, arms: Sequence[str]) -> Iterator[tuple[Key, Path]]:
     for arm in arms:
         for folder in _sample_folders(out, arm):
-            for path in folder.glob(f"p*_s*{FAILED_SUFFIX}"):
-                m = _STEM.match(path.name[: -len(FAILED_SUFFIX)])
+            # a cheap string test per file; the regular expression only for the (rare) markers
+            for name in [n for n in os.listdir(folder) if n.endswith(FAILED_SUFFIX)]:
+                m = _STEM.match(name[: -len(FAILED_SUFFIX)])
                 if m:
-                    yield (arm, int(m.group(1)), int(m.group(2))), path
+                    yield (arm, int(m.group(1)), int(m.group(2))), folder / name
 
 
 def iter_failed(out: Path, arms: Sequence[str]) -> Iterator[dict[str, Any]]:
@@ -310,9 +391,9 @@ def remove_stale_temporaries(out: Path, arms: Sequence[str]) -> int:
     folders = [out, out / STATES] + [f for arm in arms for f in _sample_folders(out, arm)]
     for folder in folders:
         if folder.is_dir():
-            for tmp in folder.glob(".*.tmp"):
+            for name in [m for m in os.listdir(folder) if m.startswith(".") and m.endswith(".tmp")]:
                 try:
-                    tmp.unlink()
+                    os.unlink(folder / name)
                     n += 1
                 except OSError:
                     pass

@@ -17,9 +17,10 @@ checks of finished samples on resume (see docs/run_format.md).
   module's ``setup`` (before any rank loads a model) and the other ranks learn the outcome by
   broadcast.
 * **Integrity.** A finished sample is a record JSON and its PNG; the record carries the PNG's
-  byte size and sha256. On resume every finished sample of the request is checked (record
-  parses and names its own key and prompt, PNG size and checksum match); anything else is
-  deleted, counted and generated again.
+  byte size and sha256. On resume every finished sample of the request is checked: quickly, when
+  both files still have the size and mtime its record-shard line says (the stat signature, see
+  :mod:`.layout`), else in full (record parses and names its own key and prompt, PNG size and
+  checksum match); anything that fails is deleted, counted and generated again.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
-from ntrk_lightning.fileio import atomic_write_json, file_identity, sha256_file
+from ntrk_lightning.fileio import atomic_write_json, file_identity, json_safe, sha256_file
 from ntrk_lightning.pipeline import layout
 
 RUN_JSON = layout.RUN_JSON
@@ -442,33 +443,99 @@ def _check_record(rec_path: Path, key: layout.Key, prompts: Sequence[str]) -> tu
     return rec, None
 
 
+#: ``NTRK_FULL_CHECK=1``: check every finished sample in full (read its record, hash its PNG),
+#: ignoring the stat signatures of the record shards (e.g. after suspected media corruption)
+FULL_CHECK_ENV = "NTRK_FULL_CHECK"
+
+
+class Finished(NamedTuple):
+    """What :func:`verify_finished` found."""
+
+    #: finished key -> its record
+    records: dict[layout.Key, dict[str, Any]]
+    #: finished key -> the record's JSON text (its ``records.jsonl`` line, no newline)
+    lines: dict[layout.Key, str]
+    #: ``{"key", "problem"}`` of every damaged sample (deleted, to be generated again)
+    problems: list[dict[str, Any]]
+
+
+def _quick_accept(entry: Optional[layout.ShardEntry], base: str, image: str, prompt: Optional[str]) -> bool:
+    """Whether a sample's shard entry stands for it without reading its files: the entry has a
+    stat signature, both files still have it, and the record names this image and the
+    requested prompt (``None``: any)."""
+    if entry is None or entry.signature is None:
+        return False
+    try:
+        if layout.stat_signature(base + ".png", base + ".json") != entry.signature:
+            return False
+    except OSError:
+        return False
+    rec = entry.record
+    return rec.get("image") == image and (prompt is None or rec.get("prompt", "") == prompt)
+
+
+def _full_check(out: Path, base: str, key: layout.Key, prompts: Sequence[str]) -> tuple[dict[str, Any], Optional[str]]:
+    """(record, problem or ``None``): the record file parsed and its PNG's size and checksum checked."""
+    rec_path, png_path = Path(base + ".json"), Path(base + ".png")
+    rec, reason = _check_record(rec_path, key, prompts)
+    if reason is None:
+        reason = _check_png(png_path, rec)
+    if reason is None:
+        rec["image"] = png_path.relative_to(out).as_posix()  # where it is, whatever the layout
+    return rec, reason
+
+
 def verify_finished(out: Path, arms: Sequence[str], wanted: Iterable[layout.Key],
-                    prompts: Sequence[str]) -> tuple[dict[layout.Key, dict[str, Any]], list[dict[str, Any]]]:
-    """(finished key -> its record, problems): every requested sample with a record is checked; a
-    sample whose record or PNG is damaged, or whose record belongs to another key or prompt, is
-    deleted (record first, so it never counts as finished) and reported in ``problems`` to be
-    generated again. Sharded and flat (older) folders alike."""
+                    prompts: Sequence[str]) -> Finished:
+    """Every requested sample with a record is checked; a sample whose record or PNG is damaged,
+    or whose record belongs to another key or prompt, is deleted (record first, so it never
+    counts as finished) and reported in ``problems`` to be generated again. Sharded and flat
+    (older) folders alike.
+
+    The common case costs two ``stat`` calls per sample: a sample whose record shard line carries
+    the stat signature its files still have is accepted from the shard (see :mod:`.layout`).
+    Everything else gets the full check (record parsed, PNG size and sha256): a changed size or
+    mtime, a sample on disk but in no shard (a kill between its files and its shard line), a
+    folder from before shards. Samples that pass the full check are added to a new shard with
+    their current signature, so the next resume takes the quick path for them too."""
     wanted = set(wanted)
     finished: dict[layout.Key, dict[str, Any]] = {}
+    lines: dict[layout.Key, str] = {}
     problems: list[dict[str, Any]] = []
+    adopted: list[str] = []
+    quick = os.environ.get(FULL_CHECK_ENV, "0") in ("", "0")
+    shards = layout.read_shards(out)
     located = layout.locate_records(out, arms)
-    for k in sorted(located.keys() & wanted):
-        rec_path = located[k]
-        png_path = rec_path.with_suffix(".png")
-        rec, reason = _check_record(rec_path, k, prompts)
+    skip = len(f"{out}{os.sep}")
+    n_prompts = len(prompts)
+    for k in located.keys() & wanted:  # the data module sorts the finished keys
+        base = located[k]
+        image = base[skip:] + ".png" if os.sep == "/" else Path(base[skip:] + ".png").as_posix()
+        entry = shards.get(k)
+        if quick and _quick_accept(entry, base, image, prompts[k[1]] if k[1] < n_prompts else None):
+            finished[k], lines[k] = entry.record, entry.text  # type: ignore[union-attr]
+            continue
+        rec, reason = _full_check(out, base, k, prompts)
         if reason is None:
-            reason = _check_png(png_path, rec)
-        if reason is None:
-            rec["image"] = png_path.relative_to(out).as_posix()  # where it is, whatever the layout
             finished[k] = rec
+            lines[k] = json.dumps(json_safe(rec))
+            try:
+                signature = layout.stat_signature(base + ".png", base + ".json")
+            except OSError:
+                continue
+            if entry is None or entry.signature != signature or entry.text != lines[k]:
+                adopted.append(layout.shard_line(lines[k], signature))
             continue
         problems.append({"key": layout.key(*k), "problem": reason})
-        for f in (rec_path, png_path):
+        for f in (base + ".json", base + ".png"):
             try:
-                f.unlink()
+                os.unlink(f)
             except FileNotFoundError:
                 pass
-    return finished, problems
+    if adopted:
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        layout.append_lines(out / layout.RECORD_SHARDS / f"{stamp}.checked.jsonl", adopted)
+    return Finished(finished, lines, problems)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,7 +550,9 @@ def plan_states(out: Path, finished: dict[layout.Key, dict[str, Any]]) -> tuple[
     """(state files to load, finished keys they do not cover). A state file counts when its key
     list names only finished samples whose PNG checksum is the one it was computed from, and no
     sample an earlier file already covers; the keys no file covers are read back from disk."""
-    by_key = {layout.key(*k): k for k in finished}
+    # key string -> (key, PNG checksum), built once: a state file's check is then one dict
+    # look-up per sample it covers
+    by_key = {layout.key(*k): (k, rec.get("png_sha256")) for k, rec in finished.items()}
     covered: set[layout.Key] = set()
     files: list[str] = []
     folder = out / layout.STATES
@@ -492,10 +561,14 @@ def plan_states(out: Path, finished: dict[layout.Key, dict[str, Any]]) -> tuple[
             continue
         try:
             keys = json.loads(index.read_text(encoding="utf-8"))["keys"]
-            mine = [by_key[k] for k in keys]
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-            continue  # unreadable, or names a sample that is no longer finished
-        if any(finished[k].get("png_sha256") != keys[layout.key(*k)] for k in mine) or covered.intersection(mine):
+            hits = [by_key.get(k) for k in keys]
+            # every sample still finished, with the checksum the states were computed from
+            if not all(hit is not None and hit[1] == sha for hit, sha in zip(hits, keys.values())):
+                continue
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # unreadable
+        mine = [hit[0] for hit in hits]  # type: ignore[index]
+        if covered.intersection(mine):
             continue
         covered.update(mine)
         files.append(index.stem)

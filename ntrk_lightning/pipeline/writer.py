@@ -18,6 +18,7 @@ At the end (:meth:`SampleWriter.on_predict_end`, every rank):
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
@@ -48,12 +49,13 @@ class SampleWriter(BasePredictionWriter):
         self.written = 0
         self.run_id = ""
         self._records: list[dict[str, Any]] = []
+        self._lines: list[str] = []  # the JSON texts of ``_records``
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.run_id = trainer.strategy.broadcast(run_id, src=0) if trainer.world_size > 1 else run_id
-        self._records = []
+        self._records, self._lines = [], []
 
     def _shard(self, rank: int) -> Path:
         return self.output_dir / layout.RECORD_SHARDS / f"{run.state_file_stem(self.run_id, rank)}.jsonl"
@@ -61,15 +63,17 @@ class SampleWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
                            batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
-        new = []
+        new, shard_lines = [], []
         for arm_out in prediction or []:
             for j, record in enumerate(arm_out["records"]):
-                layout.write_sample(self.output_dir, record, arm_out["images"][j])
+                text, line = layout.write_sample(self.output_dir, record, arm_out["images"][j])
                 new.append(record)
+                self._lines.append(text)
+                shard_lines.append(line)
             for record in arm_out.get("failed") or []:
                 layout.write_failed(self.output_dir, record)
         if new:
-            layout.append_lines(self._shard(trainer.global_rank), new)
+            layout.append_lines(self._shard(trainer.global_rank), shard_lines)
             self._records.extend(new)
             self.written += len(new)
 
@@ -143,8 +147,8 @@ class SampleWriter(BasePredictionWriter):
         verdict when an arm has no finished sample because every one of its samples failed."""
         out, dm = self.output_dir, trainer.datamodule
         arms = list(pl_module.arm_names)
-        records = self._all_records(dm.resume.records, trainer.world_size, arms)
-        layout.write_records_jsonl(out, records)
+        records, lines = self._all_records(dm.resume, trainer.world_size, arms)
+        layout.write_records_jsonl(out, lines)
         wanted = {layout.key(a, it.prompt_index, it.sample_index) for it in dm.all_items(arms) for a in arms}
         failed = [r for r in layout.iter_failed(out, arms) if r.get("key") in wanted]
         layout.write_failed_jsonl(out, failed)
@@ -169,19 +173,24 @@ class SampleWriter(BasePredictionWriter):
                     f"{out / layout.FAILED}): check the weights and the sampler's hyperparameters")
         return None
 
-    def _all_records(self, earlier: dict[layout.Key, dict[str, Any]], world: int,
-                     arms: list[str]) -> list[dict[str, Any]]:
-        """Earlier runs' finished records (verified at set-up), this rank's records of this run and
-        the other ranks' (their shards), newest first per key, in (arm, prompt, sample) order."""
-        by_key = dict(earlier)
+    def _all_records(self, earlier: Any, world: int, arms: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+        """(records, their JSON texts): earlier runs' finished records (verified at set-up), the
+        other ranks' records of this run (their shards) and this rank's, newest first per key, in
+        (arm, prompt, sample) order. The texts are copied, not encoded again."""
+        recs, texts = dict(earlier.records), dict(earlier.lines)
         for r in range(1, world):
-            for rec in layout.read_lines(self._shard(r)):
-                by_key[layout.record_key(rec)] = rec
-        for rec in self._records:
-            by_key[layout.record_key(rec)] = rec
-        order = {a: i for i, a in enumerate(arms)}
-        return [by_key[k] for k in sorted(by_key, key=lambda k: (order.get(k[0], len(order)), k[1], k[2]))
-                if k[0] in order]
+            for entry in layout.read_shard(self._shard(r)):
+                k = layout.record_key(entry.record)
+                recs[k], texts[k] = entry.record, entry.text
+        for rec, text in zip(self._records, self._lines):
+            k = layout.record_key(rec)
+            recs[k], texts[k] = rec, text
+        by_arm: dict[str, list[layout.Key]] = {a: [] for a in arms}
+        for k in recs:
+            if k[0] in by_arm:
+                by_arm[k[0]].append(k)
+        keys = [k for a in arms for k in sorted(by_arm[a])]
+        return [recs[k] for k in keys], [texts.get(k) or json.dumps(plain(recs[k])) for k in keys]
 
 
 def metrics_json(out: Path, described: dict[str, Any], summary: dict[str, Any], records: Sequence[dict[str, Any]],
