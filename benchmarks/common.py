@@ -134,26 +134,40 @@ def mmd(f: Tensor, g: Tensor, bandwidth: float) -> float:
     return 1000.0 * float(sff + sgg - 2.0 * k(f, g).mean())
 
 
-def evaluate(tb: Testbed, spec: Any, num_steps: int, seeds: list[int]) -> dict[str, Any]:
-    """Run one sampler configuration on ``seeds`` and measure it."""
+def evaluate(tb: Testbed, spec: Any, num_steps: int, seeds: list[int], chunk: Optional[int] = None) -> dict[str, Any]:
+    """Run one sampler configuration on ``seeds`` and measure it. ``chunk``: seeds per sampling call
+    (bounds memory for many-trajectory samplers; results do not depend on it, every sample has its
+    own noise streams). Adds ``fid`` when the testbed has a feature space."""
     import ntrk_lightning as ntrk
 
-    res = ntrk.sample(tb.model, tb.scheduler, tb.reward, spec, num_steps, seed=seeds)
-    images = res.images.clamp(0, 1)
+    step = chunk or len(seeds)
+    parts = [ntrk.sample(tb.model, tb.scheduler, tb.reward, spec, num_steps, seed=seeds[i:i + step])
+             for i in range(0, len(seeds), step)]
+    samples = torch.cat([p.samples for p in parts])
+    images = torch.cat([p.images for p in parts]).clamp(0, 1)
     with torch.no_grad():
         logits = tb.judge(images)
     judge_logit = logits[:, TARGET].double()
     n = len(seeds)
-    r = res.rewards.double()
-    return {
+    r = torch.cat([p.rewards for p in parts]).double()
+    seconds = sum(p.seconds for p in parts)
+    out = {
         "reward": float(r.mean()), "reward_se": float(r.std() / math.sqrt(n)),
         "judge_logit": float(judge_logit.mean()), "judge_logit_se": float(judge_logit.std() / math.sqrt(n)),
         "judge_accuracy": float((logits.argmax(1) == TARGET).double().mean()),
-        "quality": tb.quality(res.samples, images),
-        "nfe": float(res.nfe), "grad_evals": float(res.grad_evals),
-        "seconds_per_sample": res.seconds / n, "nan_fallbacks": int(res.nan_fallbacks), "n": n,
-        **(tb.extra["metrics"](res.samples, images) if "metrics" in tb.extra else {}),
+        "quality": tb.quality(samples, images),
+        "nfe": sum(float(p.nfe) * p.samples.shape[0] for p in parts) / n,
+        "grad_evals": sum(float(p.grad_evals) * p.samples.shape[0] for p in parts) / n,
+        "seconds": seconds, "seconds_per_sample": seconds / n,
+        "nan_fallbacks": int(sum(int(p.nan_fallbacks) for p in parts)), "n": n,
+        **(tb.extra["metrics"](samples, images) if "metrics" in tb.extra else {}),
     }
+    if tb.features is not None and tb.reference_features is not None:
+        from metrics import frechet_distance
+
+        f, g = tb.features(samples, images).double(), tb.reference_features.double()
+        out["fid"] = float(frechet_distance(f.mean(0), torch.cov(f.T), g.mean(0), torch.cov(g.T)))
+    return out
 
 
 def machine() -> dict[str, Any]:

@@ -38,10 +38,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor
 
-from benchmarks.common import (RESULTS, TARGET, Testbed, digits_testbed, fmt, gmm_testbed, machine, machine_line,
-                               mmd, write_json, write_text)
+from benchmarks.common import (RESULTS, Testbed, digits_testbed, evaluate, fmt, gmm_testbed, machine, machine_line,
+                               write_json, write_text)
 from benchmarks.reward_vs_nfe import select
 
 STEPS = 25
@@ -112,42 +111,16 @@ def psi_spec(budget: int, lam: float) -> Any:
 
 
 def run_spec(tb: Testbed, spec: Any, seeds: list[int], chunk: int = CHUNK) -> dict[str, Any]:
-    """Sample ``seeds`` in chunks (results do not depend on the chunking: every sample has its own
-    noise streams) and measure the set."""
-    import ntrk_lightning as ntrk
-
-    parts, t0 = [], time.perf_counter()
-    for i in range(0, len(seeds), chunk):
-        parts.append(ntrk.sample(tb.model, tb.scheduler, tb.reward, spec, STEPS, seed=seeds[i:i + chunk]))
-    seconds = time.perf_counter() - t0
-    n = len(seeds)
-    samples = torch.cat([p.samples for p in parts])
-    images = torch.cat([p.images for p in parts]).clamp(0, 1)
-    rewards = torch.cat([p.rewards for p in parts]).double()
-    nfe = sum(float(p.nfe) * p.samples.shape[0] for p in parts) / n
-    grads = sum(float(p.grad_evals) * p.samples.shape[0] for p in parts) / n
-    with torch.no_grad():
-        logits = tb.judge(images)
-    judge_logit = logits[:, TARGET].double()
-    return {"nfe": nfe, "grad_evals": grads, "n": n, "seconds": seconds, "seconds_per_sample": seconds / n,
-            "target_reward": float(rewards.mean()), "target_reward_se": float(rewards.std() / math.sqrt(n)),
-            "heldout": {"judge_logit": float(judge_logit.mean()),
-                        "judge_logit_se": float(judge_logit.std() / math.sqrt(n)),
-                        "judge_acc": float((logits.argmax(1) == TARGET).double().mean())},
-            "quality": quality_of(tb, samples, images),
-            "nan_fallbacks": int(sum(int(p.nan_fallbacks) for p in parts))}
-
-
-def quality_of(tb: Testbed, samples: Tensor, images: Tensor) -> dict[str, float]:
-    from metrics import frechet_distance
-
-    q = {"mmd": float(tb.quality(samples, images))}
-    if tb.features is not None and tb.reference_features is not None:
-        f, g = tb.features(samples, images).double(), tb.reference_features.double()
-        q["fid"] = float(frechet_distance(f.mean(0), torch.cov(f.T), g.mean(0), torch.cov(g.T)))
-    with torch.no_grad():
-        q["judge_acc"] = float((tb.judge(images).argmax(1) == TARGET).double().mean())
-    return q
+    """One row's measurements (benchmarks/common.py:evaluate, sampled in chunks) in the table's schema."""
+    m = evaluate(tb, spec, STEPS, seeds, chunk=chunk)
+    return {"nfe": m["nfe"], "grad_evals": m["grad_evals"], "n": m["n"], "seconds": m["seconds"],
+            "seconds_per_sample": m["seconds_per_sample"],
+            "target_reward": m["reward"], "target_reward_se": m["reward_se"],
+            "heldout": {"judge_logit": m["judge_logit"], "judge_logit_se": m["judge_logit_se"],
+                        "judge_acc": m["judge_accuracy"]},
+            "quality": {"mmd": m["quality"], **({"fid": m["fid"]} if "fid" in m else {}),
+                        "judge_acc": m["judge_accuracy"]},
+            "nan_fallbacks": m["nan_fallbacks"]}
 
 
 def tune(tb: Testbed, arm: Arm, seeds: list[int], plain_quality: float, log: Callable[[str], None]) -> tuple[Any, list]:
