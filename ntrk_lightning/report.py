@@ -13,12 +13,18 @@ arms. Writes to ``--out`` (default: the run folder when one is given, else ``./r
 * ``report_hist_<reward>.png`` — overlaid reward histograms of every arm, one per reward;
 * ``report_grid.png`` — the first N images of every arm, side by side.
 
-Every number in the table comes from ``metrics.json`` (computed once, by the run's metrics);
-the records give the per-sample values of the histograms and the images of the grid. A run folder
-whose ``metrics.json`` lacks a number (written by an older version, or absent) gets it from its
-records instead, with a note saying so. Every file is written atomically. Only files are read: no
-Lightning, no models. :func:`write_report` is also called by ``ntrk predict``'s writer at the end
-of every run, with the run in memory (nothing read back).
+Every number in the table comes from ``metrics.json`` (computed once, by the run's metrics),
+sample counts, steps and total seconds included; a run folder whose ``metrics.json`` lacks a number (written by an older version, or absent) gets it
+from its records instead, with a note where it is a reward statistic. The figures read two things
+per arm: every finished sample's reward values (histograms) and the paths of its first images
+(grid); ``ntrk report`` takes both from ``records.jsonl``. Every file is written atomically. Only
+files are read: no Lightning, no models.
+
+:func:`write_report` is also called by ``ntrk predict``'s writer at the end of every run, with the
+run in memory and no records (:meth:`Run.from_summary`): the content of ``metrics.json``, the
+reward values of the metric states and the paths of the first images of each arm. What that costs
+does not grow with the samples earlier runs finished, beyond one float per sample and reward (the
+histograms); both ways give the same report.
 """
 
 from __future__ import annotations
@@ -57,15 +63,33 @@ class ReportError(ValueError):
 
 @dataclass
 class Run:
+    """One run to report on: its folder, its name, its ``metrics.json`` content and what the
+    figures read per arm, ``reward_values`` (arm -> reward name -> every finished sample's value,
+    NaN where it has none) and ``grid_images`` (arm -> image paths relative to ``dir``, in
+    (prompt, sample) order; the grid shows the first N). A run read from its folder also has its
+    ``records`` (then ``reward_values`` and ``grid_images`` are derived from them when not given);
+    a run summarised at the end of ``ntrk predict`` has none (:meth:`from_summary`)."""
+
     dir: Path
     name: str
     records: list[dict[str, Any]]
     metrics: Optional[dict[str, Any]]
     arms: list[str] = field(default_factory=list)
+    reward_values: Optional[dict[str, dict[str, np.ndarray]]] = None
+    grid_images: Optional[dict[str, list[str]]] = None
+
+    def __post_init__(self) -> None:
+        self._by_arm: dict[str, list[dict[str, Any]]] = {}
+        for r in self.records:
+            self._by_arm.setdefault(str(r["arm"]), []).append(r)
+        if self.reward_values is None:
+            self.reward_values = _reward_values_of(self.records, self._by_arm)
+        if self.grid_images is None:
+            self.grid_images = {a: [str(r["image"]) for r in recs if r.get("image")] for a, recs in self._by_arm.items()}
 
     @classmethod
     def of(cls, run_dir: Path, records: list[dict[str, Any]], metrics: Optional[dict[str, Any]]) -> "Run":
-        """A run from its records and metrics (read from files, or in memory at the end of a run)."""
+        """A run from its records and metrics (read from its folder by :func:`load_run`)."""
         name = str((metrics or {}).get("run") or Path(run_dir).resolve().name)
         seen = {str(r["arm"]) for r in records}
         arms: list[str] = [a for a in ((metrics or {}).get("arms") or {}) if a in seen]
@@ -73,6 +97,69 @@ class Run:
             if r["arm"] not in arms:
                 arms.append(str(r["arm"]))
         return cls(Path(run_dir), name, records, metrics, arms)
+
+    @classmethod
+    def from_summary(cls, run_dir: Path, metrics: dict[str, Any], reward_values: dict[str, dict[str, Any]],
+                     grid_images: dict[str, Sequence[str]]) -> "Run":
+        """A run without records, as ``ntrk predict``'s writer holds it at the end of a run (what it
+        costs does not grow with the samples earlier runs finished):
+
+        * ``metrics``: the content of ``metrics.json`` (docs/run_format.md); its arms with finished
+          samples are the report's arms, in its order;
+        * ``reward_values``: arm -> reward name -> 1-D array of every finished sample's value (NaN
+          allowed: left out of the histograms, as non-finite values are);
+        * ``grid_images``: arm -> paths of its first finished images (relative to ``run_dir``, in
+          (prompt, sample) order), as many as the grid shows or fewer.
+        """
+        if not isinstance(metrics, dict):
+            raise ReportError(f"{run_dir}: the run summary needs the metrics as a JSON object")
+        name = str(metrics.get("run") or Path(run_dir).resolve().name)
+        per_arm = metrics.get("arms") or {}
+        values: dict[str, dict[str, np.ndarray]] = {}
+        for arm, m in per_arm.items():
+            given = (reward_values or {}).get(arm) or {}
+            # the metrics' reward names first (their order is the run's), then any other given
+            names = list(dict.fromkeys([*((m or {}).get("rewards") or {}), *given]))
+            values[str(arm)] = {str(n): np.asarray(given.get(n, ()), dtype=np.float64).reshape(-1) for n in names}
+        images = {str(a): [str(p) for p in ((grid_images or {}).get(a) or ())] for a in per_arm}
+        # as for a run read from its folder: an arm is reported when it has a finished sample
+        arms = [str(a) for a in per_arm
+                if _count_in(per_arm[a], max((v.size for v in values[str(a)].values()), default=0)) > 0]
+        return cls(Path(run_dir), name, [], metrics, arms, values, images)
+
+    def arm_records(self, arm: str) -> list[dict[str, Any]]:
+        """The records of ``arm`` (none for a run from a summary)."""
+        return self._by_arm.get(arm, [])
+
+    def arm_metrics(self, arm: str) -> dict[str, Any]:
+        """``arm``'s entry of ``metrics.json`` (empty when there is none)."""
+        return ((self.metrics or {}).get("arms") or {}).get(arm) or {}
+
+    def num_samples(self, arm: Optional[str] = None) -> int:
+        """Finished samples of ``arm`` (of every reported arm when ``None``): ``metrics.json``'s
+        ``num_samples``, else its records."""
+        if arm is None:
+            return sum(self.num_samples(a) for a in self.arms)
+        return _count_in(self.arm_metrics(arm), len(self.arm_records(arm)))
+
+
+def _count_in(arm_metrics: Any, fallback: int) -> int:
+    n = (arm_metrics or {}).get("num_samples") if isinstance(arm_metrics, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) else fallback
+
+
+def _number_or_nan(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) else math.nan
+
+
+def _reward_values_of(records: Sequence[dict[str, Any]],
+                      by_arm: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, np.ndarray]]:
+    """arm -> reward name -> the values of the arm's records, NaN where a record has none; every
+    arm holds every name the records have, in the order they first appear."""
+    names = list(dict.fromkeys(k for r in records for k in (r.get("rewards") or {})))
+    return {arm: {n: np.array([_number_or_nan((r.get("rewards") or {}).get(n)) for r in recs], dtype=np.float64)
+                  for n in names}
+            for arm, recs in by_arm.items()}
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
@@ -117,7 +204,10 @@ def _values(records: Sequence[dict[str, Any]], key: str) -> list[float]:
 def reward_summary(values: Sequence[float]) -> dict[str, Any]:
     """mean, population std (as ``metrics.RewardStatistics``), standard error of the mean
     (sample std / sqrt(n)), min, median, max and count of the finite values."""
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if isinstance(values, np.ndarray):
+        v = values[np.isfinite(values)].astype(np.float64)
+    else:
+        v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
     n = int(v.size)
     if n == 0:
         return {"mean": None, "std": None, "se": None, "min": None, "median": None, "max": None, "count": 0}
@@ -173,13 +263,14 @@ def check_same_rewards(runs: Sequence[Run], primary: str) -> dict[str, str]:
 
 
 def _reward_names(runs: Sequence[Run]) -> tuple[str, list[str]]:
-    """(primary reward, every reward name seen, primary first)."""
+    """(primary reward, every reward name seen, primary first): the names of the runs' reward
+    values (from the records, in the order they first appear there, or from the run summary)."""
     primary = next((str(r.metrics["primary_reward"]) for r in runs if r.metrics and r.metrics.get("primary_reward")),
                    None)
     names: list[str] = []
     for run in runs:
-        for r in run.records:
-            for k in (r.get("rewards") or {}):
+        for arm in run.arms:
+            for k in (run.reward_values or {}).get(arm) or {}:
                 if k not in names:
                     names.append(k)
     if primary is None:
@@ -201,15 +292,15 @@ def stats_summary(stats: Any) -> Optional[dict[str, Any]]:
             "max": finite_or_none(stats.get("max")), "count": n}
 
 
-def _arm_rewards(m: dict[str, Any], recs: Sequence[dict[str, Any]], names: Sequence[str]) -> tuple[dict, list[str]]:
-    """name -> statistics from ``metrics.json``; from the records (listed second) where it has none."""
+def _arm_rewards(m: dict[str, Any], values: dict[str, np.ndarray], names: Sequence[str]) -> tuple[dict, list[str]]:
+    """name -> statistics from ``metrics.json``; from the per-sample values (listed second) where
+    it has none."""
     out, fallback = {}, []
     for n in names:
         s = stats_summary((m.get("rewards") or {}).get(n))
         if s is None:
             fallback.append(n)
-            s = reward_summary([float(r["rewards"][n]) for r in recs
-                                if isinstance((r.get("rewards") or {}).get(n), (int, float))])
+            s = reward_summary(values.get(n, np.empty(0)))
         out[n] = s
     return out, fallback
 
@@ -219,23 +310,50 @@ def _per_sample(m: dict[str, Any], recs: Sequence[dict[str, Any]], key: str, fie
     return float(v) if isinstance(v, (int, float)) else _mean_or_none(_values(recs, field_name))
 
 
-def _row(run: Run, arm: str, label: str, names: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-    """The table row of one arm of a run, and the rewards taken from the records."""
-    recs = [r for r in run.records if r["arm"] == arm]
-    m = ((run.metrics or {}).get("arms") or {}).get(arm) or {}
-    sampler = m.get("sampler") or next((r.get("sampler") for r in recs if r.get("sampler")), {}) or {}
+def _steps(run: Run, arm: str, recs: Sequence[dict[str, Any]]) -> Any:
+    """Reverse steps of ``arm``: ``metrics.json``'s (per arm, else the run's), else its records'
+    (a list when they differ); ``None`` when nothing says."""
+    for s in (run.arm_metrics(arm).get("num_steps"), (run.metrics or {}).get("num_steps")):
+        if isinstance(s, dict):
+            s = s.get(arm)
+        if isinstance(s, int) and not isinstance(s, bool):
+            return s
     steps = sorted({int(r["num_steps"]) for r in recs if isinstance(r.get("num_steps"), (int, float))})
-    rewards, fallback = _arm_rewards(m, recs, names)
+    return steps[0] if len(steps) == 1 else (steps or None)
+
+
+def _seconds_total(m: dict[str, Any], recs: Sequence[dict[str, Any]], num_samples: int) -> Optional[float]:
+    """Wall-clock seconds of the arm's finished samples: ``metrics.json``'s ``seconds_total``, else
+    the sum over the records, else (a summary from an older version) seconds per sample times the
+    sample count, which is that sum up to float rounding."""
+    total = finite_or_none(m.get("seconds_total"))
+    if total is not None:
+        return total
     seconds = _values(recs, "seconds")
+    if seconds:
+        return float(sum(seconds))
+    per = finite_or_none(m.get("seconds_per_sample"))
+    return per * num_samples if per is not None and num_samples else None
+
+
+def _row(run: Run, arm: str, label: str, names: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """The table row of one arm of a run, and the rewards whose statistics ``metrics.json`` lacks.
+    Numbers come from ``metrics.json``; the records (a run read from its folder) stand in for
+    what it lacks."""
+    recs = run.arm_records(arm)
+    m = run.arm_metrics(arm)
+    sampler = m.get("sampler") or next((r.get("sampler") for r in recs if r.get("sampler")), {}) or {}
+    rewards, fallback = _arm_rewards(m, (run.reward_values or {}).get(arm) or {}, names)
+    num_samples = run.num_samples(arm)
     return {
         "label": label, "run": run.name, "run_dir": str(run.dir), "arm": arm,
         "sampler": sampler, "sampler_name": str(sampler.get("name", arm)) if isinstance(sampler, dict) else arm,
-        "num_steps": steps[0] if len(steps) == 1 else (steps or None),
-        "num_samples": len(recs),
+        "num_steps": _steps(run, arm, recs),
+        "num_samples": num_samples,
         "nfe_per_sample": _per_sample(m, recs, "nfe_per_sample", "nfe"),
         "grad_evals_per_sample": _per_sample(m, recs, "grad_evals_per_sample", "grad_evals"),
         "seconds_per_sample": _per_sample(m, recs, "seconds_per_sample", "seconds"),
-        "seconds_total": float(sum(seconds)) if seconds else None,
+        "seconds_total": _seconds_total(m, recs, num_samples),
         "nan_fallbacks": int(m["nan_fallbacks"]) if isinstance(m.get("nan_fallbacks"), int)
         else int(sum(_values(recs, "nan_fallbacks"))),
         "num_failed": int(m.get("num_failed") or 0),
@@ -262,7 +380,8 @@ def build_rows(runs: Sequence[Run]) -> tuple[list[dict[str, Any]], str, list[str
             row, fallback = _row(run, arm, label, names)
             rows.append(row)
             if fallback and run.metrics is not None:
-                notes.append(f"{label}: statistics of {', '.join(fallback)} computed from {RECORDS} ({METRICS} "
+                source = RECORDS if run.records else "the per-sample values"
+                notes.append(f"{label}: statistics of {', '.join(fallback)} computed from {source} ({METRICS} "
                              "has none: a run folder from an older version)")
     return rows, primary, names, notes
 
@@ -342,14 +461,15 @@ def plot_reward_vs_nfe(rows: Sequence[dict[str, Any]], primary: str, path: Path)
 
 
 def plot_histograms(rows: Sequence[dict[str, Any]], runs: Sequence[Run], name: str, path: Path) -> bool:
+    """Overlaid histograms of reward ``name``, one per row, over the finite values of the run's
+    ``reward_values``; ``False`` (nothing written) when no row has one."""
     data = []
     for row in rows:
         run = next(r for r in runs if str(r.dir) == row["run_dir"])
-        vals = [float(r["rewards"][name]) for r in run.records
-                if r["arm"] == row["arm"] and isinstance((r.get("rewards") or {}).get(name), (int, float))
-                and math.isfinite(float(r["rewards"][name]))]
-        if vals:
-            data.append((row["label"], np.asarray(vals)))
+        vals = np.asarray(((run.reward_values or {}).get(row["arm"]) or {}).get(name, ()), dtype=np.float64)
+        vals = vals[np.isfinite(vals)]
+        if vals.size:
+            data.append((row["label"], vals))
     if not data:
         return False
     allv = np.concatenate([v for _, v in data])
@@ -399,13 +519,15 @@ def _montage(images: list[np.ndarray], cols: int) -> np.ndarray:
 
 
 def plot_grid(rows: Sequence[dict[str, Any]], runs: Sequence[Run], n: int, path: Path) -> tuple[bool, list[str]]:
+    """The first ``n`` of every row's ``grid_images``, one panel per row; (written, notes on
+    unreadable files)."""
     notes: list[str] = []
     panels = []
     for row in rows:
         run = next(r for r in runs if str(r.dir) == row["run_dir"])
         imgs, missing = [], 0
-        for rec in [r for r in run.records if r["arm"] == row["arm"] and r.get("image")][:n]:
-            arr = _load_rgb(run.dir / str(rec["image"]))
+        for rel in ((run.grid_images or {}).get(row["arm"]) or [])[:n]:
+            arr = _load_rgb(run.dir / str(rel))
             if arr is None:
                 missing += 1
             else:
@@ -506,7 +628,7 @@ def render_markdown(title: str, runs: Sequence[Run], rows: Sequence[dict[str, An
         fid_txt = f"; FID against `{fid_ref}` in `{run.metrics.get('fid_feature')}` features" if fid_ref else ""
         guided = reward_definitions(run, primary).get(primary)
         reward_txt = f"; guided by `{reward_label(guided)}`" if guided is not None else "; guidance reward not recorded"
-        L.append(f"- **{_md_escape(run.name)}** — `{run.dir}` (arms {arms}; {len(run.records)} samples"
+        L.append(f"- **{_md_escape(run.name)}** — `{run.dir}` (arms {arms}; {run.num_samples()} samples"
                  f"{reward_txt}{fid_txt})")
     L.append("")
     L.append("## Metrics")
@@ -616,7 +738,7 @@ def _write_outputs(out_dir: Path, title: str, runs: Sequence[Run], rows: Sequenc
     from ntrk_lightning.fileio import atomic_write_json, atomic_write_text
 
     data = {"title": title, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "runs": [{"name": r.name, "dir": str(r.dir), "arms": r.arms, "num_records": len(r.records),
+            "runs": [{"name": r.name, "dir": str(r.dir), "arms": r.arms, "num_records": r.num_samples(),
                       "has_metrics": r.metrics is not None} for r in runs],
             "primary_reward": primary, "reward_names": names, "reward_labels": labels, "rows": rows,
             "figures": figures, "notes": notes}
