@@ -6,6 +6,7 @@
   extractor (:func:`build_feature`).
 * :class:`OpenCLIPScore` — ``100 * max(cos, 0)`` with any open_clip model from local weights.
 * :class:`Diversity` — mean pairwise feature distance, overall and per prompt.
+* :class:`SampleCosts` — count and sums of per-sample NFE, reward gradients, seconds, NaN fallbacks.
 
 Images are ``uint8`` (B, C, H, W) in [0, 255] or float in [0, 1] everywhere; feature extractors
 receive float in [0, 1]. Nothing here downloads anything.
@@ -19,9 +20,10 @@ from metrics.fid import FrechetDistance, frechet_distance
 from metrics.images import ImageFolderError, as_float01, list_images, read_image, to_uint8
 from metrics.reference import ReferenceStats, reference_stats
 from metrics.reward_stats import RewardStatistics
+from metrics.sample_costs import COST_FIELDS, SampleCosts
 
 __all__ = [
-    "RewardStatistics",
+    "RewardStatistics", "SampleCosts", "COST_FIELDS",
     "FrechetDistance", "frechet_distance", "ReferenceStats", "reference_stats",
     "build_feature", "feature_name", "feature_identity", "InceptionFeatures", "inception_weights_path",
     "default_inception_weights", "INCEPTION_WEIGHTS_FILE", "INCEPTION_WEIGHTS_URL",

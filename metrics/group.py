@@ -26,9 +26,12 @@ from metrics.features import extract
 from metrics.fid import FrechetDistance
 from metrics.reference import ReferenceStats, reference_stats
 from metrics.reward_stats import RewardStatistics
+from metrics.sample_costs import SampleCosts
 
 REWARD_PREFIX = "reward__"
 FID, DIVERSITY, CLIP_SCORE = "fid", "diversity", "clip_score"
+#: the :class:`SampleCosts` of a group (``ntrk predict`` adds it; ``ntrk evaluate`` has no costs)
+COSTS = "costs"
 
 
 def reward_key(name: str) -> str:
@@ -37,12 +40,15 @@ def reward_key(name: str) -> str:
 
 def build_groups(arms: Sequence[str], reward_names: Sequence[str], feature: Optional[nn.Module] = None,
                  reference: Optional[ReferenceStats] = None, diversity: bool = False,
-                 clip: Optional[OpenCLIPScore] = None) -> nn.ModuleDict:
+                 clip: Optional[OpenCLIPScore] = None, costs: bool = False) -> nn.ModuleDict:
     """arm -> metric group (see the module docstring). ``feature`` serves FID (given a
-    ``reference``) and diversity; ``clip``'s model is shared by every arm's CLIP score state."""
+    ``reference``) and diversity; ``clip``'s model is shared by every arm's CLIP score state;
+    ``costs`` adds the :class:`SampleCosts` of generated samples."""
     groups = nn.ModuleDict()
     for i, arm in enumerate(arms):
         group = nn.ModuleDict({reward_key(n): RewardStatistics() for n in reward_names})
+        if costs:
+            group[COSTS] = SampleCosts()
         if reference is not None:
             if feature is None:
                 raise ValueError("FID needs a feature extractor")
@@ -65,11 +71,17 @@ def reset_groups(groups: nn.ModuleDict) -> None:
 
 @torch.no_grad()
 def update_group(group: nn.ModuleDict, images: Tensor, rewards: dict[str, Tensor],
-                 prompt_groups: Optional[Tensor] = None, prompts: Optional[Sequence[str]] = None) -> None:
+                 prompt_groups: Optional[Tensor] = None, prompts: Optional[Sequence[str]] = None,
+                 costs: Optional[dict[str, Tensor]] = None) -> None:
     """Add a batch: ``images`` uint8 (B, C, H, W) or float in [0, 1]; ``rewards`` name -> (B,)
     values (names without a statistic in the group are ignored); ``prompt_groups`` (B,) prompt
-    indices for per-prompt diversity; ``prompts`` for the CLIP score. The feature network runs
-    once, for FID and diversity together."""
+    indices for per-prompt diversity; ``prompts`` for the CLIP score; ``costs`` the per-sample
+    costs (:data:`COST_FIELDS`), needed when the group has them. The feature network runs once,
+    for FID and diversity together."""
+    if COSTS in group:
+        if costs is None:
+            raise ValueError("this metric group counts sample costs: update_group needs costs=")
+        group[COSTS].update(costs)
     for name, values in rewards.items():
         key = reward_key(name)
         if key in group:
@@ -88,7 +100,8 @@ def update_group(group: nn.ModuleDict, images: Tensor, rewards: dict[str, Tensor
 
 def summarize_group(group: nn.ModuleDict, reward_names: Sequence[str]) -> dict[str, Any]:
     """``{"rewards": {name: stats}, "fid", "diversity": {"overall", "per_group"}, "clip_score"}``
-    (collective under DDP: every rank calls it); absent metrics are ``None``."""
+    (+ ``"costs"`` when the group counts them; collective under DDP: every rank calls it);
+    absent metrics are ``None``."""
     out: dict[str, Any] = {"rewards": {}}
     for name in reward_names:
         stats = group[reward_key(name)].compute()
@@ -101,7 +114,15 @@ def summarize_group(group: nn.ModuleDict, reward_names: Sequence[str]) -> dict[s
     else:
         out[DIVERSITY] = None
     out[CLIP_SCORE] = finite_or_none(group[CLIP_SCORE].compute()) if CLIP_SCORE in group else None
+    if COSTS in group:
+        out[COSTS] = group[COSTS].compute()
     return out
+
+
+def reward_values(group: nn.ModuleDict, reward_names: Sequence[str]) -> dict[str, Tensor]:
+    """name -> every value of that reward over every rank (collective under DDP), e.g. for the
+    report's histograms."""
+    return {name: group[reward_key(name)].all_values() for name in reward_names}
 
 
 def group_states(group: nn.ModuleDict) -> dict[str, dict[str, Any]]:

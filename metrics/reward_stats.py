@@ -69,3 +69,9 @@ class RewardStatistics(TypedCatStates, Metric):
         for k, q in zip(QUANTILES, qs.tolist()):
             out[k] = float(q)
         return out
+
+    def all_values(self) -> Tensor:
+        """Every value of every rank (finite or not), in no particular order, on the CPU
+        (collective under DDP: every rank calls it), e.g. for a histogram."""
+        with self.sync_context():
+            return cat_state(self.values, torch.float64).detach().cpu().clone()

@@ -4,6 +4,8 @@ Lightning imported here)."""
 
 IMAGES = "images"
 RECORDS = "records.jsonl"
+#: what ``records.jsonl`` held when it was last written (count, key digest, size, mtime)
+RECORDS_INDEX = "records.index.json"
 METRICS = "metrics.json"
 REPORT = "report.md"
 REPORT_JSON = "report.json"

@@ -75,7 +75,7 @@ def assert_metrics_close(a: dict, b: dict, rtol: float = 1e-6, atol: float = 1e-
     if isinstance(a, dict):
         assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {set(a) ^ set(b)}"
         for k in a:
-            if k in ("seconds_per_sample", "seconds", "run", "last_run"):
+            if k in ("seconds_per_sample", "seconds_total", "seconds", "run", "last_run"):
                 continue
             assert_metrics_close(a[k], b[k], rtol, atol, f"{path}.{k}")
     elif isinstance(a, list):

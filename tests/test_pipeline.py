@@ -1,5 +1,6 @@
 """`ntrk predict` on one process: outputs, determinism, resumption after a kill, clear errors."""
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -201,12 +202,13 @@ def test_plan_states_uses_only_state_files_that_still_match(tmp_path):
     read back."""
     from ntrk_lightning.pipeline import layout, run
 
-    finished = {("a", 0, s): {"png_sha256": f"h{s}"} for s in range(6)}
+    finished = {("a", 0, s): f"h{s}" for s in range(6)}
     folder = tmp_path / layout.STATES
     folder.mkdir()
 
-    def state(name, keys, pt=True):
-        (folder / f"{name}.json").write_text(json.dumps({"keys": {layout.key("a", 0, s): h for s, h in keys}}))
+    def state(name, keys, pt=True, version=run.STATE_FORMAT):
+        (folder / f"{name}.json").write_text(json.dumps({"format": version,
+                                                         "keys": {layout.key("a", 0, s): h for s, h in keys}}))
         if pt:
             (folder / f"{name}.pt").write_bytes(b"")
 
@@ -215,6 +217,7 @@ def test_plan_states_uses_only_state_files_that_still_match(tmp_path):
     state("r3", [(3, "OTHER")])                        # computed from another PNG: left out
     state("r4", [(4, "h4"), (9, "h9")])                # names a sample that is not finished: left out
     state("r5", [(5, "h5")], pt=False)                 # key list without its states: left out
+    state("r6", [(5, "h5")], version=1)                # an older format (no sample costs): left out
     files, reread = run.plan_states(tmp_path, finished)
     assert files == ["r1"]
     assert reread == [("a", 0, 2), ("a", 0, 3), ("a", 0, 4), ("a", 0, 5)]
@@ -244,8 +247,8 @@ def test_resume_of_an_intact_folder_reads_no_record_file_and_hashes_no_png(small
     wanted = {(k.split("/")[0], 0, int(k[-5:])) for k in keys}
     _refuse_reads(monkeypatch)
     found = run.verify_finished(out, ["ntrk", "plain"], wanted, [""])
-    assert set(found.records) == wanted and not found.problems
-    assert ("\n".join(found.lines[k] for k in sorted(wanted)) + "\n").encode() == before
+    assert set(found.sha) == wanted and not found.problems and not found.fresh
+    assert all(found.sha[k] == hashlib.sha256(layout.image_path(out, *k).read_bytes()).hexdigest() for k in wanted)
     run_in_process(predict_args(out))  # the whole rerun too
     assert metrics(out)["last_run"]["generated_this_run"] == 0
     assert (out / "records.jsonl").read_bytes() == before
@@ -266,12 +269,12 @@ def test_changed_mtime_same_content_passes_the_full_check_and_is_resigned(small_
     real = run._check_png
     monkeypatch.setattr(run, "_check_png", lambda path, rec: checked.append(Path(path).name) or real(path, rec))
     found = run.verify_finished(out, ["ntrk", "plain"], wanted, [""])
-    assert set(found.records) == wanted and not found.problems and png.is_file()
-    assert checked == ["p00000_s00004.png"]
+    assert set(found.sha) == wanted and not found.problems and png.is_file()
+    assert checked == ["p00000_s00004.png"] and found.fresh == [("ntrk", 0, 4)]
     monkeypatch.undo()
     _refuse_reads(monkeypatch)  # signed again: quick this time
     found = run.verify_finished(out, ["ntrk", "plain"], wanted, [""])
-    assert set(found.records) == wanted and not found.problems
+    assert set(found.sha) == wanted and not found.problems
 
 
 def _signed_folder(out, n=6):
@@ -319,8 +322,83 @@ def test_quick_check_sends_every_damage_to_the_full_check(tmp_path, monkeypatch)
     real = run._check_png
     monkeypatch.setattr(run, "_check_png", lambda path, r: checked.append(Path(path).name) or real(path, r))
     found = run.verify_finished(tmp_path, ["a"], wanted, ["x"])
-    assert set(found.records) == {("a", 0, 5), ("a", 0, 6)}
+    assert set(found.sha) == {("a", 0, 5), ("a", 0, 6)}
     assert sorted(p["key"] for p in found.problems) == [f"a/p00000_s0000{s}" for s in range(5)]
     assert "p00000_s00005.png" not in checked and "p00000_s00006.png" in checked
     assert not png(4).exists() and not layout.record_path(tmp_path, "a", 0, 4).exists()
-    assert found.lines[("a", 0, 5)] == layout.record_path(tmp_path, "a", 0, 5).read_text().rstrip("\n")
+    checked_shard = [p for p in (tmp_path / layout.RECORD_SHARDS).iterdir() if p.name.endswith(".checked.jsonl")]
+    assert [e.record["key"] for e in layout.read_shard(checked_shard[0])] == ["a/p00000_s00006"]
+
+
+def test_extended_rerun_appends_to_records_jsonl_and_reads_no_earlier_record(small_run, tmp_path, monkeypatch):
+    """A rerun asking for more samples per prompt leaves the earlier records.jsonl lines as they
+    are and appends its own, sorted, without reading the record shards or records of earlier runs;
+    seeds are derived for the new items only; the per-arm numbers of metrics.json come from the
+    metric states and agree with the records."""
+    from ntrk_lightning.pipeline import data, layout
+
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)
+    before = (out / "records.jsonl").read_text()
+    seeds = []
+    real_seed = data.derive_seed
+    monkeypatch.setattr(data, "derive_seed", lambda *k: seeds.append(k) or real_seed(*k))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the end of the run read earlier records: {args[:1]}")
+
+    monkeypatch.setattr(layout, "read_shards", refuse)
+    monkeypatch.setattr(layout, "read_shard", refuse)
+    run_in_process(predict_args(out, ["--data.init_args.samples_per_prompt=12"]))
+    assert sorted(seeds) == [(0, 0, 10), (0, 0, 11)]
+    after = (out / "records.jsonl").read_text()
+    assert after.startswith(before)
+    added = [json.loads(line)["key"] for line in after[len(before):].splitlines()]
+    assert added == ["ntrk/p00000_s00010", "ntrk/p00000_s00011", "plain/p00000_s00010", "plain/p00000_s00011"]
+    index = json.loads((out / "records.index.json").read_text())
+    assert index["count"] == 24 and index["bytes"] == len(after.encode())
+    recs, m = records(out), metrics(out)
+    for arm in ("ntrk", "plain"):
+        mine = [r for r in recs if r["arm"] == arm]
+        a = m["arms"][arm]
+        assert a["num_samples"] == 12 and a["rewards"]["reward"]["count"] == 12
+        assert a["nfe_per_sample"] == pytest.approx(np.mean([r["nfe"] for r in mine]))
+        assert a["grad_evals_per_sample"] == pytest.approx(np.mean([r["grad_evals"] for r in mine]))
+        assert a["seconds_total"] == pytest.approx(sum(r["seconds"] for r in mine), rel=1e-9)
+        assert a["rewards"]["reward"]["mean"] == pytest.approx(np.mean([r["rewards"]["reward"] for r in mine]))
+    monkeypatch.undo()
+    # without its index, the next run cannot trust records.jsonl: it rewrites it, sorted, same lines
+    (out / "records.index.json").unlink()
+    run_in_process(predict_args(out, ["--data.init_args.samples_per_prompt=12"]))
+    rewritten = (out / "records.jsonl").read_text().splitlines()
+    assert sorted(rewritten) == sorted(after.splitlines()) and rewritten != after.splitlines()
+    assert [json.loads(x)["key"] for x in rewritten] == sorted(json.loads(x)["key"] for x in rewritten)
+
+
+def test_samples_of_a_killed_run_are_appended_by_the_next(small_run, tmp_path):
+    """Samples a killed run finished (files and shard lines, but no records.jsonl update) are in
+    later shards than records.jsonl knows: the next run appends them (their metrics read back once),
+    and the folder ends as the uninterrupted run's."""
+    from ntrk_lightning.pipeline import layout
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    shutil.copytree(small_run, whole)
+    shutil.copytree(small_run, killed)
+    run_in_process(predict_args(whole, ["--data.init_args.samples_per_prompt=12"]))
+    # what the killed run left: the new samples' files and its record shard, nothing else
+    for arm in ("ntrk", "plain"):
+        for s in (10, 11):
+            for f in (layout.image_path(whole, arm, 0, s), layout.record_path(whole, arm, 0, s)):
+                dst = killed / f.relative_to(whole)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, dst)
+    new_shards = {p.name for p in layout.shard_files(whole)} - {p.name for p in layout.shard_files(killed)}
+    for name in new_shards:
+        shutil.copy2(whole / layout.RECORD_SHARDS / name, killed / layout.RECORD_SHARDS / name)
+    before = (killed / "records.jsonl").read_text()
+    run_in_process(predict_args(killed, ["--data.init_args.samples_per_prompt=12"]))
+    m = metrics(killed)
+    assert m["last_run"]["generated_this_run"] == 0
+    after = (killed / "records.jsonl").read_text()
+    assert after.startswith(before) and sorted(after.splitlines()) == sorted((whole / "records.jsonl").read_text().splitlines())
+    assert_metrics_close(m, metrics(whole))

@@ -21,16 +21,18 @@ padded with *skip* items, which generate nothing.
 
 from __future__ import annotations
 
+import heapq
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Container, Iterable, Optional, Sequence
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
 
 from ntrk_lightning.noise import derive_seed
-from ntrk_lightning.pipeline import layout, run
+from ntrk_lightning.pipeline import layout, records_file, run
 
 
 @dataclass(frozen=True)
@@ -87,21 +89,32 @@ def read_prompts(path: str | Path) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
-def build_items(prompts: Sequence[str], samples_per_prompt: int, seed: int,
-                arms: Sequence[str]) -> list[Item]:
-    """Every requested item of a run (all arms pending), ordered by (prompt, sample)."""
-    return [Item(p, text, s, derive_seed(seed, p, s), tuple(arms))
-            for p, text in enumerate(prompts) for s in range(samples_per_prompt)]
+def items_of(prompts: Sequence[str], seed: int, pending: Sequence[tuple[int, int, tuple[str, ...]]]) -> list[Item]:
+    """Items of (prompt index, sample index, arms still to generate) triples, with their seeds."""
+    return [Item(p, prompts[p], s, derive_seed(seed, p, s), arms) for p, s, arms in pending]
 
 
-def pending_items(items: Sequence[Item], finished: set[tuple[str, int, int]]) -> list[Item]:
-    """Items with the arms they still lack; items lacking none are dropped."""
-    out = []
-    for it in items:
-        todo = tuple(a for a in it.arms if (a, it.prompt_index, it.sample_index) not in finished)
-        if todo:
-            out.append(Item(it.prompt_index, it.prompt, it.sample_index, it.seed, todo))
-    return out
+class Requested:
+    """The keys a run requests, (arm, prompt, sample) for every arm, prompt and sample index: a
+    rectangle, tested in constant time (``key in requested``)."""
+
+    def __init__(self, arms: Sequence[str], num_prompts: int, samples_per_prompt: int) -> None:
+        self.arms, self.num_prompts, self.samples_per_prompt = tuple(arms), int(num_prompts), int(samples_per_prompt)
+        self._arms = set(self.arms)
+
+    def __contains__(self, k: object) -> bool:
+        return (isinstance(k, tuple) and len(k) == 3 and k[0] in self._arms
+                and 0 <= k[1] < self.num_prompts and 0 <= k[2] < self.samples_per_prompt)
+
+    def pending(self, finished: Container[tuple[str, int, int]]) -> list[tuple[int, int, tuple[str, ...]]]:
+        """(prompt, sample, arms still to generate) of every requested item not finished in every arm."""
+        out = []
+        for p in range(self.num_prompts):
+            for s in range(self.samples_per_prompt):
+                todo = tuple(a for a in self.arms if (a, p, s) not in finished)
+                if todo:
+                    out.append((p, s, todo))
+        return out
 
 
 def pad_for_ranks(items: list[Item], world_size: int) -> list[Item]:
@@ -110,28 +123,45 @@ def pad_for_ranks(items: list[Item], world_size: int) -> list[Item]:
     return items + [Item(-1, "", -1, 0, ()) for _ in range(missing)]
 
 
+#: finished images per arm remembered for the report's sample grid
+GRID_SAMPLES = 16
+
+
 @dataclass
 class Resume:
     """What rank 0 found in the output folder, shared with every rank by one broadcast.
 
-    ``records`` (finished key -> verified record) is kept on rank 0 only: the other ranks need
-    the keys (in ``reread``/``state_files`` plans), not the records."""
+    Everything here is small or proportional to the work left (nothing per finished sample is
+    sent); ``records_plan`` and ``first_images`` are kept on rank 0 only."""
 
-    finished: list[layout.Key] = field(default_factory=list)
+    #: (prompt, sample, arms still to generate) of every item this run generates
+    pending: list[tuple[int, int, tuple[str, ...]]] = field(default_factory=list)
     problems: list[dict[str, Any]] = field(default_factory=list)
     identity: Optional[str] = None
     #: persisted metric states covering finished samples (file stems under ``metric_states/``)
     state_files: list[str] = field(default_factory=list)
     #: finished samples no state file covers: read back from disk once, then persisted
     reread: list[layout.Key] = field(default_factory=list)
-    records: dict[layout.Key, dict[str, Any]] = field(default_factory=dict)
     error: Optional[str] = None
-    #: finished key -> the record's JSON text (its ``records.jsonl`` line; rank 0 only)
-    lines: dict[layout.Key, str] = field(default_factory=dict)
+    #: how the end of the run updates ``records.jsonl`` (rank 0 only)
+    records_plan: Optional[records_file.Plan] = None
+    #: arm -> (prompt, sample, image path) of its first finished samples by key (rank 0 only)
+    first_images: dict[str, list[tuple[int, int, str]]] = field(default_factory=dict)
 
     def shared(self) -> "Resume":
-        """The part every rank receives (no records)."""
-        return Resume(self.finished, self.problems, self.identity, self.state_files, self.reread, {}, self.error)
+        """The part every rank receives."""
+        return Resume(self.pending, self.problems, self.identity, self.state_files, self.reread, self.error)
+
+
+def first_images(scan: layout.FolderScan, finished: Iterable[layout.Key], out: Path,
+                 n: int = GRID_SAMPLES) -> dict[str, list[tuple[int, int, str]]]:
+    """arm -> its ``n`` first finished samples by (prompt, sample), with their image paths."""
+    by_arm: dict[str, list[tuple[int, int]]] = {}
+    for arm, p, s in finished:
+        by_arm.setdefault(arm, []).append((p, s))
+    skip = len(f"{out}{os.sep}")
+    return {arm: [(p, s, Path(scan.records[(arm, p, s)][skip:] + ".png").as_posix())
+                  for p, s in heapq.nsmallest(n, keys)] for arm, keys in by_arm.items()}
 
 
 class PromptDataModule(pl.LightningDataModule):
@@ -186,46 +216,50 @@ class PromptDataModule(pl.LightningDataModule):
         self.resume = Resume()               # what the output folder held
         self._lock: Any = None
 
-    def all_items(self, arms: Sequence[str]) -> list[Item]:
-        return build_items(self.prompts, self.samples_per_prompt, self.seed, arms)
-
     def setup(self, stage: Optional[str] = None) -> None:
         trainer = self.trainer
-        requested = self.all_items(self.arms)
-        outcome = Resume()
+        requested = Requested(self.arms, len(self.prompts), self.samples_per_prompt)
+        outcome = Resume(pending=[])
         if (trainer is None or trainer.is_global_zero) and self.output_dir is not None:
-            keys = {(a, it.prompt_index, it.sample_index) for it in requested for a in self.arms}
             try:
-                outcome = self._prepare_folder(Path(self.output_dir), keys)
+                outcome = self._prepare_folder(Path(self.output_dir), requested)
             except (run.RunFolderError, OSError, ValueError) as e:
                 self.release_lock()
                 outcome.error = str(e).strip().splitlines()[0] or type(e).__name__
+        elif self.output_dir is None:
+            outcome.pending = requested.pending(())
         shared = outcome.shared()
         if trainer is not None and trainer.world_size > 1:
             shared = trainer.strategy.broadcast(shared, src=0)
         if shared.error:
             raise run.RunFolderError(shared.error)  # every rank: no one waits for the others
-        shared.records, shared.lines = outcome.records, outcome.lines  # rank 0's
+        shared.records_plan, shared.first_images = outcome.records_plan, outcome.first_images  # rank 0's
         self.resume = shared
-        self.items = pending_items(requested, {tuple(k) for k in shared.finished})  # type: ignore[misc]
+        # seeds are derived for the items this run generates only, not for the finished ones
+        self.items = items_of(self.prompts, self.seed, shared.pending)
         world = trainer.world_size if trainer is not None else 1
         self.items = pad_for_ranks(self.items, world)
 
-    def _prepare_folder(self, out: Path, keys: set[layout.Key]) -> Resume:
-        """Rank 0, before any rank writes or loads a model: lock, identity, integrity, plan."""
+    def _prepare_folder(self, out: Path, requested: Requested) -> Resume:
+        """Rank 0, before any rank writes or loads a model: lock, identity, integrity, plans."""
         self._lock = run.RunLock(out)
         self._lock.acquire()
         identity = None
         if self.fingerprint is not None:
             fp = {**self.fingerprint(), "seed": self.seed, "prompts": list(self.prompts)}
             identity = run.check_identity(out, fp)
-        layout.remove_stale_temporaries(out, self.arms)
+        scan = layout.scan_sample_folders(out, self.arms)  # one listing for everything below
+        layout.remove_files(scan.temporaries)
+        synced = records_file.read_synced(out)
         # files of other prompt lists/sizes are not ours: only the requested keys are checked
-        found = run.verify_finished(out, self.arms, keys, self.prompts)
-        layout.remove_failed(out, self.arms, keys - set(found.records))  # generated again now
-        state_files, reread = run.plan_states(out, found.records)
-        return Resume(sorted(found.records), found.problems, identity, state_files, reread, found.records,
-                      lines=found.lines)
+        found = run.verify_finished(out, self.arms, requested, self.prompts, scan,
+                                    since=synced.shards_through if synced else None)
+        # failure markers of requested samples that are not finished: generated again now
+        layout.remove_files(path for k, path in scan.failed.items() if k in requested and k not in found.sha)
+        state_files, reread = run.plan_states(out, found.sha)
+        return Resume(requested.pending(found.sha), found.problems, identity, state_files, reread,
+                      records_plan=records_file.plan(synced, list(found.sha), found.fresh),
+                      first_images=first_images(scan, found.sha, out))
 
     @property
     def generated_this_run(self) -> int:

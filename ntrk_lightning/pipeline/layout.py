@@ -21,7 +21,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 from torch import Tensor
@@ -29,8 +29,8 @@ from torch import Tensor
 from ntrk_lightning.fileio import atomic_write_bytes, atomic_write_text, json_safe
 from ntrk_lightning.jsonnum import dumps_line
 
-from ntrk_lightning.runfiles import (FAILED, IMAGES, LOCK, METRICS, RECORD_SHARDS, RECORDS, REPORT,  # noqa: F401
-                                     RUN_JSON, STATES)
+from ntrk_lightning.runfiles import (FAILED, IMAGES, LOCK, METRICS, RECORD_SHARDS, RECORDS, RECORDS_INDEX,  # noqa: F401
+                                     REPORT, RUN_JSON, STATES)
 
 #: a prompt-group folder holds this many consecutive prompts...
 SHARD_PROMPTS = 50
@@ -38,7 +38,6 @@ SHARD_PROMPTS = 50
 #: record each: <= 10,000 files)
 SHARD_SAMPLES = 100
 
-_STEM = re.compile(r"^p(\d{5,})_s(\d{5,})$")
 _PROMPT_GROUP = re.compile(r"^p\d{5,}-\d{5,}$")
 _SAMPLE_GROUP = re.compile(r"^s\d{5,}-\d{5,}$")
 _ARM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -259,13 +258,17 @@ def _shard_objects(lines: list[str]) -> list[Any]:
     return objs
 
 
-def read_shard(path: Path) -> list[ShardEntry]:
-    """The entries of one record shard, in order, skipping lines a kill left unfinished."""
+def _shard_lines(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return []
-    lines = [ln for ln in text.split("\n") if ln]
+    return [ln for ln in text.split("\n") if ln]
+
+
+def read_shard(path: Path) -> list[ShardEntry]:
+    """The entries of one record shard, in order, skipping lines a kill left unfinished."""
+    lines = _shard_lines(path)
     entries = []
     for line, obj in zip(lines, _shard_objects(lines)):
         if obj.__class__ is not dict:
@@ -278,18 +281,120 @@ def read_shard(path: Path) -> list[ShardEntry]:
     return entries
 
 
-def read_shards(out: Path) -> dict[Key, ShardEntry]:
-    """Every record the run folder's shards hold, by key; a later shard (by name: run ids start
-    with their time) wins over an earlier one."""
-    index: dict[Key, ShardEntry] = {}
+def shard_files(out: Path, after: Optional[str] = None) -> list[Path]:
+    """The record shards of a run folder in name order (run ids and check stamps start with their
+    time: later names hold later writes); with ``after``, only those named after it."""
     folder = out / RECORD_SHARDS
     if not folder.is_dir():
-        return index
-    for path in sorted(folder.glob("*.jsonl")):
+        return []
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".jsonl") and not n.startswith("."))
+    return [folder / n for n in names if after is None or n > after]
+
+
+def read_shards(out: Path, after: Optional[str] = None) -> dict[Key, ShardEntry]:
+    """Every record the run folder's shards (named after ``after``, if given) hold, by key; a
+    later shard wins over an earlier one."""
+    index: dict[Key, ShardEntry] = {}
+    for path in shard_files(out, after):
         for entry in read_shard(path):
             rec = entry.record
             # the key as JSON gave it: a record with odd types matches no listed file (full check)
             index[(rec.get("arm"), rec.get("prompt_index"), rec.get("sample_index"))] = entry  # type: ignore[index]
+    return index
+
+
+# ---- the shard index: what a resume needs of each line, without decoding the record ------------
+
+class IndexEntry(NamedTuple):
+    """What a resume needs of a shard line (:func:`read_shard_index`)."""
+
+    #: the stat signature as written, ``"<PNG size>, <PNG mtime_ns>, <record size>, <record mtime_ns>"``
+    signature: Optional[str]
+    png_sha256: Optional[str]
+    #: the record's ``image`` path
+    image: Optional[str]
+    #: the record names its own key's prompt and sample index and the requested prompt text
+    consistent: bool
+    #: name of the shard file the line came from
+    source: str
+
+
+def signature_text(png: str, record: str) -> str:
+    """The stat signature of a sample's files in the form :class:`IndexEntry` holds it; raises
+    ``OSError`` if either file is gone."""
+    a, b = os.stat(png), os.stat(record)
+    return f"{a.st_size}, {a.st_mtime_ns}, {b.st_size}, {b.st_mtime_ns}"
+
+
+# a shard line as write_sample writes it: build_record's fields in order, json.dumps defaults
+_LINE_HEAD = re.compile(r'\{"arm": "([A-Za-z0-9_.-]+)", "key": "([A-Za-z0-9_.-]+)/p(\d{5,})_s(\d{5,})", '
+                        r'"prompt_index": (\d+), "prompt": ')
+_LINE_AFTER_PROMPT = re.compile(r', "sample_index": (\d+), "seed": \d+, "image": "([^"\\]*)", ')
+_SHA_FIELD = '"png_sha256": "'
+_SHA_LEN = 64
+
+
+def _entry(*fields: Any) -> IndexEntry:
+    return tuple.__new__(IndexEntry, fields)  # a NamedTuple without its Python-level __new__
+
+
+def _index_fast(line: str, source: str, prompt_json: Sequence[str]) -> Optional[tuple[Key, IndexEntry]]:
+    """The index entry of a shard line in the form :func:`write_sample` writes (a record built by
+    :func:`build_record`, ``json.dumps`` defaults, the signature last), read with two anchored
+    regular expressions and string slicing; ``None`` for any other form (decoded as JSON then).
+    Sound because a JSON string escapes every ``"`` it holds: the field separators matched (a bare
+    quote after a comma or a space) cannot occur inside a value."""
+    m = _LINE_HEAD.match(line)
+    if m is None or m[1] != m[2] or not line.endswith("]}"):
+        return None
+    p, s = int(m[3]), int(m[4])
+    k = (m[1], p, s)
+    at = m.end()
+    # the requested prompt, byte for byte as json.dumps writes it, then the rest of the head
+    if p >= len(prompt_json) or int(m[5]) != p or not line.startswith(prompt_json[p], at):
+        return k, _entry(None, None, None, False, source)
+    rest = _LINE_AFTER_PROMPT.match(line, at + len(prompt_json[p]))
+    j = line.rfind(_SIGNATURE_SEP)
+    if rest is None or int(rest[1]) != s or j < 0:
+        return k, _entry(None, None, None, False, source)
+    sha_at = j - 1 - _SHA_LEN
+    sha = line[sha_at:j - 1] if line[j - 1] == '"' and line.startswith(_SHA_FIELD, sha_at - len(_SHA_FIELD)) else None
+    return k, _entry(line[j + len(_SIGNATURE_SEP):-2], sha, rest[2], True, source)
+
+
+def _index_decoded(line: str, source: str, prompts: Sequence[str]) -> Optional[tuple[Key, IndexEntry]]:
+    """The index entry of any other shard line, decoded as JSON (``None`` when unusable)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    if rec.__class__ is not dict:
+        return None
+    sig = rec.pop(SIGNATURE, None)
+    arm, p, s = rec.get("arm"), rec.get("prompt_index"), rec.get("sample_index")
+    if not (isinstance(arm, str) and type(p) is int and type(s) is int):
+        return None
+    consistent = rec.get("key") == key(arm, p, s) and p < len(prompts) and rec.get("prompt", "") == prompts[p]
+    signature = (", ".join(str(v) for v in sig) if sig.__class__ is list and len(sig) == 4
+                 and all(type(v) is int for v in sig) else None)
+    sha, image = rec.get("png_sha256"), rec.get("image")
+    return (arm, p, s), IndexEntry(signature, sha if isinstance(sha, str) else None,
+                                   image if isinstance(image, str) else None, consistent, source)
+
+
+def read_shard_index(out: Path, prompts: Sequence[str]) -> dict[Key, IndexEntry]:
+    """key -> :class:`IndexEntry` of every line of the folder's record shards (a later shard wins),
+    for the requested prompt list. The lines the writer wrote are read with string methods (a few
+    microseconds each, no record is decoded); any other line is decoded as JSON; unusable lines
+    (a kill's partial last line) are skipped."""
+    prompt_json = [json.dumps(p) for p in prompts]
+    index: dict[Key, IndexEntry] = {}
+    for path in shard_files(out):
+        name = path.name
+        for line in _shard_lines(path):
+            hit = _index_fast(line, name, prompt_json) or _index_decoded(line, name, prompts)
+            if hit is not None:
+                index[hit[0]] = hit[1]
     return index
 
 
@@ -333,68 +438,75 @@ def _sample_folders(out: Path, arm: str) -> list[Path]:
     return ([folder] if flat else []) + shards
 
 
-def locate_records(out: Path, arms: Sequence[str]) -> dict[Key, str]:
-    """(arm, prompt, sample) -> path of the record without its ``.json`` suffix (a string; add
-    ``.png`` for the image) of every sample with a record, not yet checked (see
-    :func:`ntrk_lightning.pipeline.run.verify_finished`); a sharded record wins over a flat one.
-    Names are split with string methods, not a regular expression: this runs once per file."""
-    found: dict[Key, str] = {}
+class FolderScan(NamedTuple):
+    """What the sample folders of a run hold (:func:`scan_sample_folders`)."""
+
+    #: (arm, prompt, sample) -> path of the record without its ``.json`` suffix (a string; add
+    #: ``.png`` for the image), not yet checked; a sharded record wins over a flat one
+    records: dict[Key, str]
+    #: (arm, prompt, sample) -> path of its failure marker
+    failed: dict[Key, str]
+    #: temporary files a killed run left behind (in the sample folders, the run folder, the states)
+    temporaries: list[str]
+
+
+def _split_stem(name: str) -> Optional[tuple[int, int]]:
+    """(prompt, sample) of ``p00000_s00000`` (ASCII digits, five or more each), else ``None``."""
+    cut = name.find("_s")
+    p, s = name[1:cut], name[cut + 2:]
+    if cut >= 6 and len(s) >= 5 and p.isdigit() and s.isdigit() and name.isascii():
+        return int(p), int(s)
+    return None
+
+
+def scan_sample_folders(out: Path, arms: Sequence[str]) -> FolderScan:
+    """One listing of every sample folder of ``arms`` (sharded and flat): records, failure markers
+    and stale temporaries. Names are split with string methods, not a regular expression: this
+    runs once per file."""
+    records: dict[Key, str] = {}
+    failed: dict[Key, str] = {}
+    temporaries: list[str] = []
+    for folder in [out, out / STATES]:
+        if folder.is_dir():
+            temporaries += [str(folder / n) for n in os.listdir(folder) if n.startswith(".") and n.endswith(".tmp")]
     for arm in arms:
         for folder in _sample_folders(out, arm):
             base = f"{folder}{os.sep}"
             for name in os.listdir(folder):
-                if not name.endswith(".json") or name[0] != "p":
-                    continue
-                name = name[:-5]
-                cut = name.find("_s")
-                p, s = name[1:cut], name[cut + 2:]
-                # p00000_s00000: ASCII digits, five or more each (a .failed marker has none)
-                if cut >= 6 and len(s) >= 5 and p.isdigit() and s.isdigit() and name.isascii():
-                    found[(arm, int(p), int(s))] = base + name
-    return found
+                if name[0] == "p" and name.endswith(".json"):
+                    if name.endswith(FAILED_SUFFIX):
+                        ps = _split_stem(name[: -len(FAILED_SUFFIX)])
+                        if ps is not None:
+                            failed[(arm, ps[0], ps[1])] = base + name
+                        continue
+                    ps = _split_stem(name[:-5])
+                    if ps is not None:
+                        records[(arm, ps[0], ps[1])] = base + name[:-5]
+                elif name[0] == "." and name.endswith(".tmp"):
+                    temporaries.append(base + name)
+    return FolderScan(records, failed, temporaries)
 
 
-def _failure_markers(out: Path, arms: Sequence[str]) -> Iterator[tuple[Key, Path]]:
-    for arm in arms:
-        for folder in _sample_folders(out, arm):
-            # a cheap string test per file; the regular expression only for the (rare) markers
-            for name in [n for n in os.listdir(folder) if n.endswith(FAILED_SUFFIX)]:
-                m = _STEM.match(name[: -len(FAILED_SUFFIX)])
-                if m:
-                    yield (arm, int(m.group(1)), int(m.group(2))), folder / name
-
-
-def iter_failed(out: Path, arms: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """Failure markers of ``arms`` (unreadable ones skipped), in (arm, prompt, sample) order."""
-    for _, path in sorted(_failure_markers(out, arms)):
+def remove_files(paths: Iterable[str]) -> int:
+    """Delete files (stale temporaries, superseded failure markers); returns how many went."""
+    n = 0
+    for path in paths:
         try:
-            rec = json.loads(path.read_text(encoding="utf-8"))
+            os.unlink(path)
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+def read_failed(paths: Iterable[str]) -> list[dict[str, Any]]:
+    """The failure markers at ``paths`` (missing or unreadable ones skipped)."""
+    out = []
+    for path in paths:
+        try:
+            rec = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         if isinstance(rec, dict):
-            yield rec
-
-
-def remove_failed(out: Path, arms: Sequence[str], keys: set[Key]) -> int:
-    """Delete the failure markers of ``keys`` (they are about to be generated again)."""
-    n = 0
-    for k, path in list(_failure_markers(out, arms)):
-        if k in keys:
-            path.unlink(missing_ok=True)
-            n += 1
-    return n
-
-
-def remove_stale_temporaries(out: Path, arms: Sequence[str]) -> int:
-    """Delete temporary files a killed run left behind (call before any process writes)."""
-    n = 0
-    folders = [out, out / STATES] + [f for arm in arms for f in _sample_folders(out, arm)]
-    for folder in folders:
-        if folder.is_dir():
-            for name in [m for m in os.listdir(folder) if m.startswith(".") and m.endswith(".tmp")]:
-                try:
-                    os.unlink(folder / name)
-                    n += 1
-                except OSError:
-                    pass
-    return n
+            out.append(rec)
+    return out

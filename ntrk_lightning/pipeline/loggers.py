@@ -145,9 +145,10 @@ def log_run(loggers: Iterable[Any], metrics: dict[str, Any], grid: Optional[np.n
 
 
 def log_predict_run(loggers: Iterable[Any], output_dir: Path, metrics: dict[str, Any],
-                    records: Sequence[dict[str, Any]], per_arm: int = 8) -> dict[str, float]:
+                    grid_images: dict[str, Sequence[str]], per_arm: int = 8) -> dict[str, float]:
     """:func:`log_run` for an ``ntrk predict`` run: its metrics (as written to ``metrics.json``) and
-    the report's grid (without a report: the first ``per_arm`` images of every arm, one row per arm)."""
+    the report's grid (without a report: the first ``per_arm`` of ``grid_images``, the image paths
+    of every arm relative to the run folder, one row per arm)."""
     from ntrk_lightning.report import FIG_GRID
 
     out = Path(output_dir)
@@ -157,6 +158,6 @@ def log_predict_run(loggers: Iterable[Any], output_dir: Path, metrics: dict[str,
         grid_path = None
         paths: list[Path] = []
         for arm in metrics.get("arms") or {}:
-            paths += [out / r["image"] for r in records if r["arm"] == arm][:per_arm]
+            paths += [out / img for img in list(grid_images.get(arm, []))[:per_arm]]
         grid = montage(paths, cols=per_arm)
     return log_run(loggers, metrics, grid, grid_path)

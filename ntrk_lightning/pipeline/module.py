@@ -132,7 +132,8 @@ class GenerationModule(pl.LightningModule):
             barrier = trainer.strategy.barrier if trainer is not None else (lambda: None)
             reference = shared_reference_stats(self.fid_reference, feature, zero, barrier)
         clip = M.OpenCLIPScore(self.clip_model, pretrained=self.clip_weights) if self.clip_model is not None else None
-        self.metrics = build_groups(self.arm_names, self.reward_names, feature, reference, self.diversity, clip)
+        self.metrics = build_groups(self.arm_names, self.reward_names, feature, reference, self.diversity, clip,
+                                    costs=True)
         self._metrics_ready = True
 
     def configure_callbacks(self) -> list[pl.Callback]:
@@ -194,12 +195,12 @@ class GenerationModule(pl.LightningModule):
         images = images.float().clamp(0.0, 1.0)
         scores = self._score(images, [it.prompt for it in items], rewards)
         u8 = layout.to_uint8(images)
-        self.update_metrics(arm, u8, scores, items)
         records = [layout.build_record(
             arm, it.prompt_index, it.prompt, it.sample_index, it.seed, spec.describe(), self.num_steps[arm],
             rewards={k: finite_or_none(v[j]) for k, v in scores.items()}, nfe=res.nfe, grad_evals=res.grad_evals,
             nan_fallbacks=int(res.nan_fallbacks_per_sample[keep[j]]), seconds=res.seconds / n, rank=self.global_rank)
             for j, it in enumerate(items)]
+        self.update_metrics(arm, u8, scores, items, costs_of(records))
         return {"arm": arm, "records": records, "images": u8, "failed": failed}
 
     def _score(self, images: Tensor, prompts: list[str], guidance: Tensor) -> dict[str, Tensor]:
@@ -219,13 +220,15 @@ class GenerationModule(pl.LightningModule):
                                           rank=self.global_rank)
 
     # ---- metrics (the writer's interface) ------------------------------------------------------
-    def update_metrics(self, arm: str, u8: Tensor, rewards: dict[str, Tensor], items: Sequence[Item]) -> None:
-        """Add finished samples of ``arm`` to its metrics: uint8 images, reward values, items."""
+    def update_metrics(self, arm: str, u8: Tensor, rewards: dict[str, Tensor], items: Sequence[Item],
+                       costs: dict[str, Tensor]) -> None:
+        """Add finished samples of ``arm`` to its metrics: uint8 images, reward values, items and
+        their costs (:func:`costs_of` their records)."""
         from metrics.group import update_group
 
         groups = torch.tensor([it.prompt_index for it in items], device=self.device)
         update_group(self.metrics[arm], u8.to(self.device), {k: v.to(self.device) for k, v in rewards.items()},
-                     groups, [it.prompt for it in items])
+                     groups, [it.prompt for it in items], costs)
 
     def metric_states(self) -> dict[str, dict[str, Any]]:
         """arm -> this rank's metric states (to persist them with the samples they cover)."""
@@ -242,10 +245,12 @@ class GenerationModule(pl.LightningModule):
                 merge_group_states(self.metrics[arm], group_state)
 
     def metrics_summary(self) -> dict[str, dict[str, Any]]:
-        """arm -> summary over every rank (collective: every rank calls it)."""
-        from metrics.group import summarize_group
+        """arm -> summary over every rank (collective: every rank calls it), with the arm's
+        ``costs`` and, under ``values``, every reward value (for the report's histograms)."""
+        from metrics.group import reward_values, summarize_group
 
-        return {arm: summarize_group(self.metrics[arm], self.reward_names) for arm in self.arm_names}
+        return {arm: {**summarize_group(self.metrics[arm], self.reward_names),
+                      "values": reward_values(self.metrics[arm], self.reward_names)} for arm in self.arm_names}
 
     def describe_run(self) -> dict[str, Any]:
         """What ``metrics.json`` says about the configuration (beside the per-arm numbers)."""
@@ -298,3 +303,10 @@ def _steps_per_arm(num_steps: Union[int, dict[str, int]], arms: list[str]) -> di
 def _describe(r: Any) -> dict[str, Any]:
     d = getattr(r, "describe", None)
     return d() if callable(d) else {"name": type(r).__name__}
+
+
+def costs_of(records: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
+    """The per-sample costs of finished samples (``metrics.COST_FIELDS``) from their records."""
+    from metrics.sample_costs import COST_FIELDS
+
+    return {f: torch.tensor([float(r.get(f) or 0) for r in records], dtype=torch.float64) for f in COST_FIELDS}

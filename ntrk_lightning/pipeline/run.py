@@ -31,7 +31,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Container, NamedTuple, Optional, Sequence
 
 from ntrk_lightning.fileio import atomic_write_json, file_identity, json_safe, sha256_file
 from ntrk_lightning.pipeline import layout
@@ -451,27 +451,29 @@ FULL_CHECK_ENV = "NTRK_FULL_CHECK"
 class Finished(NamedTuple):
     """What :func:`verify_finished` found."""
 
-    #: finished key -> its record
-    records: dict[layout.Key, dict[str, Any]]
-    #: finished key -> the record's JSON text (its ``records.jsonl`` line, no newline)
-    lines: dict[layout.Key, str]
+    #: finished key -> the PNG checksum its record holds
+    sha: dict[layout.Key, Optional[str]]
     #: ``{"key", "problem"}`` of every damaged sample (deleted, to be generated again)
     problems: list[dict[str, Any]]
+    #: finished keys whose record line is newer than the shard ``since`` (or checked in full now)
+    fresh: list[layout.Key]
 
 
-def _quick_accept(entry: Optional[layout.ShardEntry], base: str, image: str, prompt: Optional[str]) -> bool:
-    """Whether a sample's shard entry stands for it without reading its files: the entry has a
-    stat signature, both files still have it, and the record names this image and the
-    requested prompt (``None``: any)."""
-    if entry is None or entry.signature is None:
+def _image_text(base: str, skip: int) -> str:
+    rel = base[skip:] + ".png"
+    return rel if os.sep == "/" else Path(rel).as_posix()
+
+
+def _quick_accept(entry: Optional[layout.IndexEntry], base: str, image: str) -> bool:
+    """Whether a sample's shard line stands for it without reading its files: the line is
+    consistent (its key, prompt index, sample index and the requested prompt), has a stat
+    signature both files still have, and names this image."""
+    if entry is None or entry.signature is None or not entry.consistent or entry.image != image:
         return False
     try:
-        if layout.stat_signature(base + ".png", base + ".json") != entry.signature:
-            return False
+        return layout.signature_text(base + ".png", base + ".json") == entry.signature
     except OSError:
         return False
-    rec = entry.record
-    return rec.get("image") == image and (prompt is None or rec.get("prompt", "") == prompt)
 
 
 def _full_check(out: Path, base: str, key: layout.Key, prompts: Sequence[str]) -> tuple[dict[str, Any], Optional[str]]:
@@ -485,57 +487,65 @@ def _full_check(out: Path, base: str, key: layout.Key, prompts: Sequence[str]) -
     return rec, reason
 
 
-def verify_finished(out: Path, arms: Sequence[str], wanted: Iterable[layout.Key],
-                    prompts: Sequence[str]) -> Finished:
+def _delete_sample(base: str) -> None:
+    for f in (base + ".json", base + ".png"):  # record first: never a record without its PNG
+        try:
+            os.unlink(f)
+        except FileNotFoundError:
+            pass
+
+
+def verify_finished(out: Path, arms: Sequence[str], wanted: Container[layout.Key], prompts: Sequence[str],
+                    scan: Optional[layout.FolderScan] = None, since: Optional[str] = None) -> Finished:
     """Every requested sample with a record is checked; a sample whose record or PNG is damaged,
     or whose record belongs to another key or prompt, is deleted (record first, so it never
     counts as finished) and reported in ``problems`` to be generated again. Sharded and flat
-    (older) folders alike.
+    (older) folders alike; ``scan`` is the folder's listing (made here when not given).
 
     The common case costs two ``stat`` calls per sample: a sample whose record shard line carries
-    the stat signature its files still have is accepted from the shard (see :mod:`.layout`).
-    Everything else gets the full check (record parsed, PNG size and sha256): a changed size or
-    mtime, a sample on disk but in no shard (a kill between its files and its shard line), a
-    folder from before shards. Samples that pass the full check are added to a new shard with
-    their current signature, so the next resume takes the quick path for them too."""
-    wanted = set(wanted)
-    finished: dict[layout.Key, dict[str, Any]] = {}
-    lines: dict[layout.Key, str] = {}
-    problems: list[dict[str, Any]] = []
-    adopted: list[str] = []
+    the stat signature its files still have is accepted from the shard (see :mod:`.layout`), and
+    the line is read with string methods, not decoded. Everything else gets the full check
+    (record parsed, PNG size and sha256): a changed size or mtime, a sample on disk but in no
+    shard (a kill between its files and its shard line), a folder from before shards. Samples
+    that pass the full check are added to a new shard with their current signature, so the next
+    resume takes the quick path for them too. ``fresh`` lists the finished samples whose shard is
+    named after ``since`` and those checked in full (see :mod:`.records_file`)."""
+    scan = scan if scan is not None else layout.scan_sample_folders(out, arms)
     quick = os.environ.get(FULL_CHECK_ENV, "0") in ("", "0")
-    shards = layout.read_shards(out)
-    located = layout.locate_records(out, arms)
+    index = layout.read_shard_index(out, prompts)
+    sha: dict[layout.Key, Optional[str]] = {}
+    problems: list[dict[str, Any]] = []
+    fresh: list[layout.Key] = []
+    adopted: list[str] = []
     skip = len(f"{out}{os.sep}")
-    n_prompts = len(prompts)
-    for k in located.keys() & wanted:  # the data module sorts the finished keys
-        base = located[k]
-        image = base[skip:] + ".png" if os.sep == "/" else Path(base[skip:] + ".png").as_posix()
-        entry = shards.get(k)
-        if quick and _quick_accept(entry, base, image, prompts[k[1]] if k[1] < n_prompts else None):
-            finished[k], lines[k] = entry.record, entry.text  # type: ignore[union-attr]
+    for k, base in scan.records.items():
+        if k not in wanted:
+            continue  # files of other prompt lists/sizes are not this run's
+        entry = index.get(k)
+        if quick and _quick_accept(entry, base, _image_text(base, skip)):
+            sha[k] = entry.png_sha256  # type: ignore[union-attr]
+            if since is not None and entry.source > since:  # type: ignore[union-attr]
+                fresh.append(k)
             continue
         rec, reason = _full_check(out, base, k, prompts)
-        if reason is None:
-            finished[k] = rec
-            lines[k] = json.dumps(json_safe(rec))
-            try:
-                signature = layout.stat_signature(base + ".png", base + ".json")
-            except OSError:
-                continue
-            if entry is None or entry.signature != signature or entry.text != lines[k]:
-                adopted.append(layout.shard_line(lines[k], signature))
+        if reason is not None:
+            problems.append({"key": layout.key(*k), "problem": reason})
+            _delete_sample(base)
             continue
-        problems.append({"key": layout.key(*k), "problem": reason})
-        for f in (base + ".json", base + ".png"):
-            try:
-                os.unlink(f)
-            except FileNotFoundError:
-                pass
+        sha[k] = rec.get("png_sha256")
+        try:
+            signature = layout.stat_signature(base + ".png", base + ".json")
+        except OSError:
+            continue
+        if quick or entry is None or entry.signature != ", ".join(map(str, signature)) or not entry.consistent:
+            adopted.append(layout.shard_line(json.dumps(json_safe(rec)), signature))
+            fresh.append(k)
+        elif since is not None and entry.source > since:
+            fresh.append(k)  # NTRK_FULL_CHECK of a sample its shard line already signs
     if adopted:
         stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         layout.append_lines(out / layout.RECORD_SHARDS / f"{stamp}.checked.jsonl", adopted)
-    return Finished(finished, lines, problems)
+    return Finished(sha, problems, fresh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,13 +556,19 @@ def state_file_stem(run_id: str, rank: int) -> str:
     return f"{run_id}.rank{rank:05d}"
 
 
-def plan_states(out: Path, finished: dict[layout.Key, dict[str, Any]]) -> tuple[list[str], list[layout.Key]]:
-    """(state files to load, finished keys they do not cover). A state file counts when its key
+#: version of a state file's key list; files of other versions are not used (their samples are
+#: read back once): version 2 added the sample costs (``metrics.SampleCosts``)
+STATE_FORMAT = 2
+
+
+def plan_states(out: Path, finished: dict[layout.Key, Optional[str]]) -> tuple[list[str], list[layout.Key]]:
+    """(state files to load, finished keys they do not cover). ``finished`` maps each finished
+    sample to its PNG checksum. A state file counts when it is of :data:`STATE_FORMAT`, its key
     list names only finished samples whose PNG checksum is the one it was computed from, and no
     sample an earlier file already covers; the keys no file covers are read back from disk."""
-    # key string -> (key, PNG checksum), built once: a state file's check is then one dict
+    # key text -> (key, PNG checksum), built once: a state file's check is then one dict
     # look-up per sample it covers
-    by_key = {layout.key(*k): (k, rec.get("png_sha256")) for k, rec in finished.items()}
+    by_key = {f"{k[0]}/p{k[1]:05d}_s{k[2]:05d}": (k, h) for k, h in finished.items()}
     covered: set[layout.Key] = set()
     files: list[str] = []
     folder = out / layout.STATES
@@ -560,7 +576,10 @@ def plan_states(out: Path, finished: dict[layout.Key, dict[str, Any]]) -> tuple[
         if not index.with_suffix(".pt").is_file():
             continue
         try:
-            keys = json.loads(index.read_text(encoding="utf-8"))["keys"]
+            content = json.loads(index.read_text(encoding="utf-8"))
+            if content.get("format") != STATE_FORMAT:
+                continue
+            keys = content["keys"]
             hits = [by_key.get(k) for k in keys]
             # every sample still finished, with the checksum the states were computed from
             if not all(hit is not None and hit[1] == sha for hit, sha in zip(hits, keys.values())):

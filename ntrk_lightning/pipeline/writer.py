@@ -12,13 +12,20 @@ At the end (:meth:`SampleWriter.on_predict_end`, every rank):
    are read back from disk, once;
 2. each rank persists the metric states of the samples it generated or read back, so that no
    later run reads them again;
-3. the module computes the summary (collective), and rank 0 writes ``records.jsonl``,
-   ``failed.jsonl``, ``metrics.json`` and the report from what is in memory.
+3. the module computes the summary (collective: reward statistics and values, FID, diversity,
+   CLIP score, sample costs), and rank 0 writes ``failed.jsonl``, ``metrics.json`` and the report
+   from it, and brings ``records.jsonl`` up to date by appending this run's records
+   (:mod:`.records_file`).
+
+None of this goes through the samples earlier runs finished one by one (their metric states are
+merged whole, their records stay where they are), so the end of a run costs the same at ten
+thousand or a million finished samples; only a folder that needs repair (a damaged sample, a
+changed request, an older layout) has ``records.jsonl`` rewritten from the record shards.
 """
 
 from __future__ import annotations
 
-import json
+import heapq
 import time
 import uuid
 from pathlib import Path
@@ -28,10 +35,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from metrics.group import COSTS
+
 from ntrk_lightning.fileio import atomic_write, atomic_write_json
-from ntrk_lightning.jsonnum import mean_or_none, nan_if_none, plain, read_json
-from ntrk_lightning.pipeline import layout, run
-from ntrk_lightning.pipeline.data import Item
+from ntrk_lightning.jsonnum import nan_if_none, plain, read_json
+from ntrk_lightning.pipeline import layout, records_file, run
+from ntrk_lightning.pipeline.data import GRID_SAMPLES, Item
 
 #: finished samples read back from disk per metric update (older folders, killed runs)
 REREAD_BATCH = 256
@@ -97,6 +106,8 @@ class SampleWriter(BasePredictionWriter):
     def _reread(self, keys: Sequence[layout.Key], pl_module: Any) -> list[dict[str, Any]]:
         """Add finished samples no state file covers to this rank's metrics, reading their record
         and PNG (verified in the data module's ``setup``; a file changed since is a one-line error)."""
+        from ntrk_lightning.pipeline.module import costs_of
+
         records: list[dict[str, Any]] = []
         try:
             for start in range(0, len(keys), REREAD_BATCH):
@@ -110,7 +121,7 @@ class SampleWriter(BasePredictionWriter):
                                for n in pl_module.reward_names}
                     items = [Item(r["prompt_index"], r.get("prompt", ""), r["sample_index"], int(r["seed"]), (arm,))
                              for r in recs]
-                    pl_module.update_metrics(arm, torch.stack([u for _, u in pairs]), rewards, items)
+                    pl_module.update_metrics(arm, torch.stack([u for _, u in pairs]), rewards, items, costs_of(recs))
                 records.extend(r for r, _ in chunk)
         except (OSError, ValueError, KeyError, TypeError) as e:
             reason = str(e).splitlines()[0] if str(e) else ""
@@ -131,7 +142,8 @@ class SampleWriter(BasePredictionWriter):
         stem = run.state_file_stem(self.run_id, rank)
         states = pl_module.metric_states()
         atomic_write(folder / f"{stem}.pt", lambda tmp: torch.save({"arms": states}, tmp))
-        atomic_write_json(folder / f"{stem}.json", {"keys": {r["key"]: r.get("png_sha256") for r in records}},
+        atomic_write_json(folder / f"{stem}.json", {"format": run.STATE_FORMAT,
+                                                    "keys": {r["key"]: r.get("png_sha256") for r in records}},
                           indent=None)
 
     def _load_states(self, stem: str) -> dict[str, Any]:
@@ -144,71 +156,110 @@ class SampleWriter(BasePredictionWriter):
 
     def _write_run_files(self, trainer: pl.Trainer, pl_module: Any, summary: dict[str, Any]) -> Optional[str]:
         """Rank 0: records.jsonl, failed.jsonl, metrics.json and the report; returns the one-line
-        verdict when an arm has no finished sample because every one of its samples failed."""
+        verdict when an arm has no finished sample because every one of its samples failed. Its
+        cost grows with the samples this run generated, not with those earlier runs finished."""
         out, dm = self.output_dir, trainer.datamodule
         arms = list(pl_module.arm_names)
-        records, lines = self._all_records(dm.resume, trainer.world_size, arms)
-        layout.write_records_jsonl(out, lines)
-        wanted = {layout.key(a, it.prompt_index, it.sample_index) for it in dm.all_items(arms) for a in arms}
-        failed = [r for r in layout.iter_failed(out, arms) if r.get("key") in wanted]
+        new = self._this_run(trainer.world_size)
+        update_records_jsonl(out, dm.resume.records_plan, new, arms)
+        failed = layout.read_failed(sorted(
+            str(layout.failed_path(out, a, it.prompt_index, it.sample_index)) for it in dm.items for a in it.arms
+            if (a, it.prompt_index, it.sample_index) not in new
+            and layout.failed_path(out, a, it.prompt_index, it.sample_index).is_file()))
         layout.write_failed_jsonl(out, failed)
         described = pl_module.describe_run()
-        result = metrics_json(out, described, summary, records, failed, arms)
+        values = {arm: {n: v.numpy() for n, v in summary[arm].pop("values").items()} for arm in arms}
+        result = metrics_json(out, described, summary, failed, arms)
         result["last_run"] = {"world_size": trainer.world_size, "generated_this_run": dm.generated_this_run,
                               "predict_seconds": described["predict_seconds"], "identity": dm.resume.identity,
                               "damaged_regenerated": len(dm.resume.problems),
                               "damaged": list(dm.resume.problems)[:MAX_DAMAGED_LISTED]}
         atomic_write_json(out / layout.METRICS, result)
         dead = [a for a in arms if result["arms"][a]["num_samples"] == 0 and result["arms"][a]["num_failed"] > 0]
+        grid = grid_images(dm.resume.first_images, new, arms)
         if self.write_report and not dead:
             from ntrk_lightning.report import Run, write_report
 
-            write_report([out], out, title=result["run"], runs=[Run.of(out, records, result)])
+            write_report([out], out, title=result["run"], runs=[Run.from_summary(out, result, values, grid)])
         if trainer.loggers:  # --trainer.logger: final metrics per arm and the sample grid
             from ntrk_lightning.pipeline.loggers import log_predict_run
 
-            log_predict_run(trainer.loggers, out, plain(result), records)
+            log_predict_run(trainer.loggers, out, plain(result), grid)
         if dead:
             return (f"every sample of arm(s) {', '.join(dead)} failed (non-finite images; see "
                     f"{out / layout.FAILED}): check the weights and the sampler's hyperparameters")
         return None
 
-    def _all_records(self, earlier: Any, world: int, arms: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
-        """(records, their JSON texts): earlier runs' finished records (verified at set-up), the
-        other ranks' records of this run (their shards) and this rank's, newest first per key, in
-        (arm, prompt, sample) order. The texts are copied, not encoded again."""
-        recs, texts = dict(earlier.records), dict(earlier.lines)
+    def _this_run(self, world: int) -> dict[layout.Key, tuple[dict[str, Any], str]]:
+        """key -> (record, JSON text) of every sample this run finished: this rank's from memory,
+        the other ranks' from their record shards of this run."""
+        new: dict[layout.Key, tuple[dict[str, Any], str]] = {}
         for r in range(1, world):
             for entry in layout.read_shard(self._shard(r)):
-                k = layout.record_key(entry.record)
-                recs[k], texts[k] = entry.record, entry.text
+                new[layout.record_key(entry.record)] = (entry.record, entry.text)
         for rec, text in zip(self._records, self._lines):
-            k = layout.record_key(rec)
-            recs[k], texts[k] = rec, text
-        by_arm: dict[str, list[layout.Key]] = {a: [] for a in arms}
-        for k in recs:
-            if k[0] in by_arm:
-                by_arm[k[0]].append(k)
-        keys = [k for a in arms for k in sorted(by_arm[a])]
-        return [recs[k] for k in keys], [texts.get(k) or json.dumps(plain(recs[k])) for k in keys]
+            new[layout.record_key(rec)] = (rec, text)
+        return new
 
 
-def metrics_json(out: Path, described: dict[str, Any], summary: dict[str, Any], records: Sequence[dict[str, Any]],
-                 failed: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[str, Any]:
-    """The content of ``metrics.json`` (``last_run`` aside), from memory."""
+def _ordered(keys: Any, arms: Sequence[str]) -> list[layout.Key]:
+    """Keys in (arm as configured, prompt, sample) order."""
+    rank = {a: i for i, a in enumerate(arms)}
+    return sorted((k for k in keys if k[0] in rank), key=lambda k: (rank[k[0]], k[1], k[2]))
+
+
+def update_records_jsonl(out: Path, plan: Optional[records_file.Plan],
+                         new: dict[layout.Key, tuple[dict[str, Any], str]], arms: Sequence[str]) -> int:
+    """Bring ``records.jsonl`` up to date (:mod:`.records_file`): append this run's records and
+    the ``fresh`` ones of the plan, or rewrite the file from every record shard when the plan
+    says the file no longer describes the folder (or there is no plan). Returns the count."""
+    texts = {k: text for k, (_, text) in new.items()}
+    if plan is not None and plan.append:
+        found = layout.read_shards(out, after=plan.shards_through) if plan.fresh else {}
+        if all(k in found for k in plan.fresh):
+            texts.update({k: found[k].text for k in plan.fresh})
+            records_file.append_lines(out, [texts[k] for k in _ordered(texts, arms)])
+            count = plan.count + len(new)
+            records_file.write_index(out, count, plan.digest + records_file.key_digest(new))
+            return count
+    finished = set(new) | set(plan.finished if plan is not None else ())
+    shards = layout.read_shards(out)
+    keys = [k for k in _ordered(finished, arms) if k in texts or k in shards]
+    layout.write_records_jsonl(out, [texts[k] if k in texts else shards[k].text for k in keys])
+    records_file.write_index(out, len(keys), records_file.key_digest(keys))
+    return len(keys)
+
+
+def grid_images(first: dict[str, list[tuple[int, int, str]]], new: dict[layout.Key, tuple[dict[str, Any], str]],
+                arms: Sequence[str], n: int = GRID_SAMPLES) -> dict[str, list[str]]:
+    """arm -> image paths of its first ``n`` finished samples by (prompt, sample): the earlier
+    runs' first ones (found at resume) and this run's."""
+    out = {}
+    for arm in arms:
+        cands = list(first.get(arm, [])) + [(k[1], k[2], rec["image"]) for k, (rec, _) in new.items() if k[0] == arm]
+        out[arm] = [img for _, _, img in heapq.nsmallest(n, cands)]
+    return out
+
+
+def metrics_json(out: Path, described: dict[str, Any], summary: dict[str, Any], failed: Sequence[dict[str, Any]],
+                 arms: Sequence[str]) -> dict[str, Any]:
+    """The content of ``metrics.json`` (``last_run`` aside), from the metric summary (the sample
+    costs included): nothing here goes through the records."""
     per_arm = {}
     for arm in arms:
-        recs = [r for r in records if r["arm"] == arm]
+        arm_summary = dict(summary[arm])
+        costs = arm_summary.pop(COSTS, None) or {"count": 0, "sum": {}, "mean": {}}
         per_arm[arm] = {
             "sampler": described["samplers"][arm],
             "num_steps": described["steps_per_arm"][arm],
-            "num_samples": len(recs),
+            "num_samples": int(costs["count"]),
             "num_failed": sum(1 for r in failed if r["arm"] == arm),
-            "nfe_per_sample": mean_or_none([r["nfe"] for r in recs]),
-            "grad_evals_per_sample": mean_or_none([r["grad_evals"] for r in recs]),
-            "seconds_per_sample": mean_or_none([r["seconds"] for r in recs]),
-            "nan_fallbacks": int(sum(r.get("nan_fallbacks", 0) for r in recs)),
-            **summary[arm],
+            "nfe_per_sample": costs["mean"].get("nfe"),
+            "grad_evals_per_sample": costs["mean"].get("grad_evals"),
+            "seconds_per_sample": costs["mean"].get("seconds"),
+            "seconds_total": costs["sum"].get("seconds"),
+            "nan_fallbacks": int(costs["sum"].get("nan_fallbacks") or 0),
+            **arm_summary,
         }
     keep = ("model", "num_steps", "primary_reward", "reward", "eval_rewards", "fid_reference", "fid_feature")
     return {"run": described.get("run_name") or out.resolve().name, **{k: described[k] for k in keep},
