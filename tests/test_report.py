@@ -179,7 +179,8 @@ def _as_the_writer_writes_it(run: Path, arm_none: str = "ntrk", name_none: str =
         for name in mine[0]["rewards"]:
             stat = RewardStatistics()
             stat.update(torch.tensor([nan_if_none(r["rewards"][name]) for r in mine], dtype=torch.float64))
-            am["rewards"][name] = {k: (v if isinstance(v, int) else finite_or_none(v)) for k, v in stat.compute().items()}
+            am["rewards"][name] = {k: (v if isinstance(v, int) else finite_or_none(v))
+                                   for k, v in stat.compute().items()}
     (run / "metrics.json").write_text(json.dumps(m))
 
 
