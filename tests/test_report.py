@@ -179,7 +179,8 @@ def _as_the_writer_writes_it(run: Path, arm_none: str = "ntrk", name_none: str =
         for name in mine[0]["rewards"]:
             stat = RewardStatistics()
             stat.update(torch.tensor([nan_if_none(r["rewards"][name]) for r in mine], dtype=torch.float64))
-            am["rewards"][name] = {k: (v if isinstance(v, int) else finite_or_none(v)) for k, v in stat.compute().items()}
+            am["rewards"][name] = {k: (v if isinstance(v, int) else finite_or_none(v))
+                                   for k, v in stat.compute().items()}
     (run / "metrics.json").write_text(json.dumps(m))
 
 
@@ -293,3 +294,33 @@ def test_run_summary_without_seconds_total_fewer_images_and_an_empty_arm(tmp_pat
     assert any("plain: statistics of reward, judge computed from the per-sample values" in n for n in data["notes"])
     assert "grid" not in data["figures"]
     assert data["rows"][0]["seconds_total"] == 7.5
+
+
+def test_histogram_bars_are_each_arms_fraction_of_finite_values_per_bin(monkeypatch):
+    """What the histogram draws: per arm, the fraction of its finite values in each bin (NaN left
+    out of both the counts and n), bins shared by the arms, the legend naming n and the mean."""
+    from ntrk_lightning import report
+    from ntrk_lightning.report import Run, plot_histograms
+
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    rng = np.random.default_rng(5)
+    a = np.concatenate([rng.normal(0.0, 1.0, 300), [np.nan, np.inf]])
+    b = rng.normal(1.5, 0.5, 200)
+    run = Run.from_summary(Path("r"), {"run": "r", "arms": {"a": {"num_samples": 302}, "b": {"num_samples": 200}}},
+                           {"a": {"x": a}, "b": {"x": b}}, {})
+    rows = [{"run_dir": str(run.dir), "arm": arm, "label": arm} for arm in run.arms]
+    assert plot_histograms(rows, [run], "x", Path("unused.png"))
+    ax = figures[0].axes[0]
+    outlines = [p.get_xy() for p in ax.patches][1::2]  # per arm: filled, then outlined
+    assert len(outlines) == 2
+    for xy, v in zip(outlines, (a[np.isfinite(a)], b)):
+        edges = xy[0::2, 0]
+        edges = edges[:np.argmax(edges) + 1]
+        heights = xy[1::2, 1][:len(edges) - 1]
+        inside = [(v >= lo) & ((v < hi) if k < len(edges) - 2 else (v <= hi))
+                  for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))]
+        assert np.allclose(heights, [m.sum() / v.size for m in inside], rtol=1e-9, atol=0)
+        assert heights.sum() == pytest.approx(1.0)
+    assert ax.get_legend_handles_labels()[1] == [f"a (n=300, mean={a[np.isfinite(a)].mean():.3g})",
+                                                 f"b (n=200, mean={b.mean():.3g})"]
