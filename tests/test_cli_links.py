@@ -74,6 +74,7 @@ def test_run_folder_reaches_module_data_and_trainer_at_parse_time(tmp_path, monk
     assert cfg.data.init_args.output_dir == want
     assert cfg.model.init_args.output_dir == want
     assert cfg.trainer.default_root_dir == want
+    assert cfg.output_dir == want  # kept by the saved config.yaml, which drops the link targets
     assert cfg.return_predictions is False  # the writer saves every batch; nothing kept in memory
 
 
@@ -156,11 +157,12 @@ def test_shipped_predict_configs_leave_arms_to_the_link(path, tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_renamed_arms_end_to_end_and_rerun_from_the_saved_config(tmp_path):
-    """A predict run with arms named ``a``/``b`` writes them under images/<arm>/, and the saved
-    config.yaml (the linked values left out) reruns the same run without regenerating."""
+    """A predict run with arms named ``a``/``b`` and the run folder given as the module's own
+    option writes the arms under images/<arm>/, and the saved config.yaml (the linked values left
+    out) reruns the same run without regenerating."""
     out = tmp_path / "run"
     cfg_file = config_with_arms(tmp_path, {"a": NTRK, "b": PLAIN})
-    run_in_process(["predict", "-c", str(cfg_file), "--output_dir", str(out), *TINY,
+    run_in_process(["predict", "-c", str(cfg_file), "--model.init_args.output_dir", str(out), *TINY,
                     "--model.init_args.report", "false"])
     images = out / "images"
     assert sorted(p.name for p in images.iterdir()) == ["a", "b"]

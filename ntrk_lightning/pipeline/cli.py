@@ -81,6 +81,8 @@ class NTRKCLI(LightningCLI):
                 self.parser.error("predict needs an output folder: --output_dir DIR")
             if not str(out).strip():
                 raise SystemExit("ntrk: error: --output_dir is empty: give a folder (use . for the current one)")
+            # the saved config.yaml leaves link targets out: the top-level option keeps the folder
+            cfg["output_dir"] = out
             cfg["trainer"]["default_root_dir"] = out
             if cfg["trainer"].get("inference_mode", False):
                 self.parser.error("trainer.inference_mode must be false for predict: reward guidance needs "
