@@ -7,9 +7,13 @@ configs use :class:`~ntrk_lightning.pipeline.GenerationModule` with
 
 Project defaults, each with the reason:
 
-* ``--output_dir`` (top level) sets the generation module's output folder and the trainer's
-  ``default_root_dir``, where ``config.yaml`` is written; ``SaveConfigCallback`` overwrites it, so
-  a rerun or a requeued job does not refuse to start;
+* ``--output_dir`` (top level) sets the run folder, else the generation module's own
+  ``output_dir`` option does; it reaches the module and the data module as parse-time links
+  (:func:`link_generation`) and the trainer's ``default_root_dir``, where ``config.yaml`` is
+  written; ``SaveConfigCallback`` overwrites it, so a rerun or a requeued job does not refuse to
+  start;
+* the data module's arms are the keys of the module's ``samplers``, linked at parse time too:
+  neither class reads the other;
 * ``inference_mode=False``: reward gradients need autograd inside ``predict_step``;
 * predictions are not kept in memory (``return_predictions=False``): the writer saves every batch;
 * under Slurm the cluster environment never requeues by itself (``auto_requeue=False``): requeue
@@ -41,11 +45,21 @@ class NTRKCLI(LightningCLI):
         parser.add_argument("--output_dir", type=Optional[str], default=None,
                             help="predict: folder for images, records.jsonl, metrics.json, report.md and "
                                  "config.yaml (a rerun skips what it holds)")
-        if "return_predictions" in {a.dest for a in parser._actions}:  # predict
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any],
+                     subparser_kwargs: dict[str, Any]) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if not add_subcommands:  # ``run=False``: one parser, a predict config given without subcommand
+            link_generation(self.parser)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        # add_arguments_to_parser runs before the subcommand's own arguments exist and is not told
+        # which subcommand it serves: the predict-only defaults and links are added here
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
             parser.set_defaults(return_predictions=False)
-            # the data module learns the run folder from the configuration (and the arms and the
-            # fingerprint from the CLI, in instantiate_classes), never from the model object
-            parser.link_arguments("output_dir", "data.init_args.output_dir", apply_on="parse")
+            link_generation(parser)
+        return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse; a parse error is one line (jsonargparse prints the usage screen and a nested
@@ -61,20 +75,14 @@ class NTRKCLI(LightningCLI):
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         if cfg is None:
             return
-        out = cfg.get("output_dir")
         if self.subcommand == "predict":
-            init = cfg["model"].get("init_args") if hasattr(cfg["model"], "get") else None
-            if out is None and init is not None:
-                out = init.get("output_dir")
+            out = run_folder(cfg.get("output_dir"), cfg.get("model"))  # what the links gave
             if out is None:
                 self.parser.error("predict needs an output folder: --output_dir DIR")
             if not str(out).strip():
                 raise SystemExit("ntrk: error: --output_dir is empty: give a folder (use . for the current one)")
-            if init is not None and "output_dir" in init:
-                init["output_dir"] = out
-            data_init = cfg["data"].get("init_args") if hasattr(cfg.get("data"), "get") else None
-            if data_init is not None and "output_dir" in data_init:
-                data_init["output_dir"] = out  # given as the model's option rather than --output_dir
+            # the saved config.yaml leaves link targets out: the top-level option keeps the folder
+            cfg["output_dir"] = out
             cfg["trainer"]["default_root_dir"] = out
             if cfg["trainer"].get("inference_mode", False):
                 self.parser.error("trainer.inference_mode must be false for predict: reward guidance needs "
@@ -93,19 +101,17 @@ class NTRKCLI(LightningCLI):
             self._link_generation()
 
     def _link_generation(self) -> None:
-        """Hand the prompt data module what it needs from the generation module's configuration:
-        the arms (jsonargparse does not apply ``link_arguments(..., apply_on="instantiate")``
-        inside a subcommand's subclass config), the output folder where no ``--output_dir`` link
-        gave it, and the model's part of the run fingerprint, as a callable that rank 0 evaluates
-        once it holds the folder's lock (it hashes weight files)."""
+        """Hand the prompt data module the model's part of the run fingerprint: a callable that
+        rank 0 evaluates once it holds the folder's lock (it hashes the weight files the built
+        backbone and rewards resolved). It is a function of the instantiated model, not a value
+        of the configuration, so no parse-time link can carry it, and an ``apply_on="instantiate"``
+        link into a subcommand's data module is not applied by LightningCLI; the arms and the run
+        folder, which are configuration, travel as parse-time links (:func:`link_generation`)."""
         from functools import partial
 
         from ntrk_lightning.pipeline.run import model_fingerprint
 
         model_cfg = (self.config[self.subcommand] if self.subcommand else self.config)["model"]
-        self.datamodule.arms = list(self.model.arm_names)
-        if self.datamodule.output_dir is None:
-            self.datamodule.output_dir = self.model.output_dir
         self.datamodule.fingerprint = partial(model_fingerprint, self.model, _component_specs(model_cfg))
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -135,6 +141,49 @@ class NTRKCLI(LightningCLI):
                 kwargs.setdefault("plugins", [])
                 kwargs["plugins"] = list(kwargs["plugins"]) + [PLSlurm(auto_requeue=False)]
         return super().instantiate_trainer(**kwargs)
+
+
+def link_generation(parser: LightningArgumentParser) -> None:
+    """Link, at parse time, what the prompt data module needs from the generation module's
+    configuration: its arms (the keys of ``model.init_args.samplers``) and the run folder
+    (``--output_dir``, else ``model.init_args.output_dir``; the module gets the same one).
+
+    A link whose source is missing (a model without ``samplers``) or whose target is missing (a
+    data module without ``arms``/``output_dir``, a model without ``output_dir``) is skipped by
+    jsonargparse. The linked values are dropped from the saved ``config.yaml`` and recomputed on
+    a rerun with it."""
+    parser.link_arguments(("output_dir", "model"), "model.init_args.output_dir", compute_fn=run_folder,
+                          apply_on="parse")
+    parser.link_arguments(("output_dir", "model"), "data.init_args.output_dir", compute_fn=run_folder,
+                          apply_on="parse")
+    # the target is also a source, so that a value the user set there is seen (and refused)
+    parser.link_arguments(("model.init_args.samplers", "data.init_args.arms"), "data.init_args.arms",
+                          compute_fn=arm_names, apply_on="parse")
+
+
+def run_folder(output_dir: Optional[str], model: Any) -> Optional[str]:
+    """The run folder: ``--output_dir`` wins over the generation module's own ``output_dir``."""
+    if output_dir is not None:
+        return output_dir
+    init = getattr(model, "init_args", None)
+    return getattr(init, "output_dir", None)
+
+
+class LinkedOptionError(ValueError):
+    """A configuration sets an option that the CLI derives from another one."""
+
+
+def arm_names(samplers: Any, given: Optional[list[str]] = None) -> Optional[list[str]]:
+    """The data module's arms: the names of the generation module's samplers, in their order.
+    ``given`` (what the configuration itself put in ``data.init_args.arms``) must be unset or
+    the same names; a non-mapping ``samplers`` is left for the module to refuse by itself."""
+    if not isinstance(samplers, dict):
+        return given
+    arms = [str(name) for name in samplers]
+    if given is not None and list(given) != arms:
+        raise LinkedOptionError(f"data.init_args.arms is set from model.init_args.samplers ({arms}); "
+                                f"remove it from the configuration (it gives {list(given)})")
+    return arms
 
 
 def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any) -> NTRKCLI:
@@ -297,7 +346,10 @@ def parse_error_line(message: str) -> str:
     and the class_path it concerns."""
     import re
 
-    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    # a link's compute function that refused its sources (e.g. arm_names): its reason alone,
+    # without jsonargparse's dump of every source value
+    message = re.sub(r"Call to compute_fn of link '.*?' with args \(.*\) failed: ", "", str(message), flags=re.S)
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
     if len(lines) <= 1:
         return lines[0] if lines else "invalid arguments"
     keys: list[str] = []
