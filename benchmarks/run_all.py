@@ -172,8 +172,27 @@ def readme_section() -> str:
         L += [f"**Scaling**: `ntrk predict` with 2 DDP processes generates {sc['ratio_2_over_1']:.2f}x the samples per "
               f"second of 1 process on this 2-core machine ({fmt(sc['samples_per_second']['1'], 3)} vs "
               f"{fmt(sc['samples_per_second']['2'], 3)} samples/s; [details](benchmarks/results/scaling.md)).", ""]
+    L += _run_folder_scale_lines()
     L.append(END)
     return "\n".join(L)
+
+
+def _run_folder_scale_lines() -> list[str]:
+    """The run-folder scale paragraph: resume cost per finished sample, end of run at each size."""
+    rf = _load("run_folder_scale")
+    if not rf or "end_of_run_s" not in rf["rows"][0] or "report_s" not in rf["rows"][0]:
+        return []
+    rows = rf["rows"]
+    full = [r for r in rows if r["per_sample_files"]]
+    big = full[-1] if full else rows[-1]
+    ends = ", ".join(f"{r['end_of_run_s']:.2f} s at {r['finished']:,}" for r in rows)
+    return [f"**Run folder scale** ({rf['machine']}): resuming a run whose folder holds {big['finished']:,} finished "
+            f"samples costs {big['resume_us_per_sample']:.1f} µs per sample ({big['resume_cpu_us_per_sample']:.1f} µs "
+            f"CPU; target {rf['target_resume_us_per_sample']:g}), against {big['full_check_us_per_sample']:.0f} µs "
+            f"for the full check of a sample; the end of a run that generated {rows[0]['new_samples']} new samples takes "
+            f"{ends} finished before (before metric states were persisted it re-read every finished image: "
+            f"{big.get('old_end_of_run_s', 0):.0f} s at {big['finished']:,}; "
+            "[details](benchmarks/results/run_folder_scale.md)).", ""]
 
 
 def update_readme() -> None:
@@ -190,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme", action="store_true", help="only regenerate the README section")
     args = ap.parse_args(argv)
     if not args.readme:
-        from benchmarks import core_gmm, overhead, reward_vs_nfe, scaling
+        from benchmarks import core_gmm, overhead, reward_vs_nfe, run_folder_scale, scaling
 
         t0 = time.perf_counter()
         from benchmarks import ntrk_ablation, whitening_cost
@@ -205,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                     "250", "500", "1000", "2000"])),
                  ("reward_vs_nfe digits", lambda: reward_vs_nfe.main(["--testbed", "digits"])),
                  ("overhead", lambda: overhead.main([])),
-                 ("scaling", lambda: scaling.main([]))]
+                 ("scaling", lambda: scaling.main([])),
+                 ("run_folder_scale", lambda: run_folder_scale.main([]))]
         timings = {}
         for name, fn in steps:
             t = time.perf_counter()

@@ -21,12 +21,14 @@ padded with *skip* items, which generate nothing.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Container, Iterable, Optional, Sequence
+from typing import Any, Callable, Container, Iterable, Iterator, Optional, Sequence
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
@@ -164,6 +166,21 @@ def first_images(scan: layout.FolderScan, finished: Iterable[layout.Key], out: P
                   for p, s in heapq.nsmallest(n, keys)] for arm, keys in by_arm.items()}
 
 
+@contextmanager
+def _cycle_collector_paused() -> Iterator[None]:
+    """Pause Python's cycle collector: a resume builds a few small objects per finished sample
+    (keys, index entries), hundreds of thousands that hold no cycle, and the collector would walk
+    them again and again as they accumulate (about a sixth of the resume at 100k samples,
+    benchmarks/run_folder_scale.py) without ever freeing one."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class PromptDataModule(pl.LightningDataModule):
     """Prompts x samples per prompt, minus what the output folder already holds.
 
@@ -222,7 +239,8 @@ class PromptDataModule(pl.LightningDataModule):
         outcome = Resume(pending=[])
         if (trainer is None or trainer.is_global_zero) and self.output_dir is not None:
             try:
-                outcome = self._prepare_folder(Path(self.output_dir), requested)
+                with _cycle_collector_paused():
+                    outcome = self._prepare_folder(Path(self.output_dir), requested)
             except (run.RunFolderError, OSError, ValueError) as e:
                 self.release_lock()
                 outcome.error = str(e).strip().splitlines()[0] or type(e).__name__
