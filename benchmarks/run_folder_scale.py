@@ -142,9 +142,9 @@ def build_folder(out: Path, n: int, files: bool) -> None:
     layout.append_lines(out / layout.RECORD_SHARDS / "run0.rank00000.jsonl", shard)
     (out / layout.STATES).mkdir(parents=True, exist_ok=True)
     torch.save({"arms": {ARM: group_states(groups[ARM])}}, out / layout.STATES / "run0.rank00000.pt")
-    atomic_write_json(out / layout.STATES / "run0.rank00000.json",
-                      {"format": run.STATE_FORMAT, "keys": {layout.key(ARM, 0, s): hashlib.sha256(png).hexdigest()
-                                                            for s in range(n)}}, indent=None)
+    sha = hashlib.sha256(png).hexdigest()
+    atomic_write_text(out / layout.STATES / f"run0.rank00000{run.STATE_KEYS_SUFFIX}",
+                      run.state_keys_text({layout.key(ARM, 0, s): sha for s in range(n)}))
     layout.write_records_jsonl(out, texts)
     records_file.write_index(out, n, records_file.key_digest((ARM, 0, s) for s in range(n)))
 
@@ -184,7 +184,8 @@ def _plan_without_files(out: Path, n: int) -> Any:
     """The records plan a resume makes of a file-less folder (what its listing would give)."""
     from ntrk_lightning.pipeline import records_file
 
-    return records_file.plan(records_file.read_synced(out), [(ARM, 0, s) for s in range(n)], [])
+    keys = [(ARM, 0, s) for s in range(n)]
+    return records_file.plan(records_file.read_synced(out), {k: records_file.key_text(k) for k in keys}, [])
 
 
 def _new_records(out: Path, n: int, new: int) -> tuple[dict, torch.Tensor]:

@@ -207,8 +207,9 @@ def test_plan_states_uses_only_state_files_that_still_match(tmp_path):
     folder.mkdir()
 
     def state(name, keys, pt=True, version=run.STATE_FORMAT):
-        (folder / f"{name}.json").write_text(json.dumps({"format": version,
-                                                         "keys": {layout.key("a", 0, s): h for s, h in keys}}))
+        text = run.state_keys_text({layout.key("a", 0, s): h for s, h in keys})
+        (folder / f"{name}{run.STATE_KEYS_SUFFIX}").write_text(text.replace(f"format {run.STATE_FORMAT}",
+                                                                            f"format {version}"))
         if pt:
             (folder / f"{name}.pt").write_bytes(b"")
 
@@ -218,6 +219,10 @@ def test_plan_states_uses_only_state_files_that_still_match(tmp_path):
     state("r4", [(4, "h4"), (9, "h9")])                # names a sample that is not finished: left out
     state("r5", [(5, "h5")], pt=False)                 # key list without its states: left out
     state("r6", [(5, "h5")], version=1)                # an older format (no sample costs): left out
+    (folder / "r7.json").write_text(json.dumps({"keys": {layout.key("a", 0, 5): "h5"}}))  # format 1's list
+    (folder / "r7.pt").write_bytes(b"")
+    (folder / f"r8{run.STATE_KEYS_SUFFIX}").write_text(run.state_keys_text({}) + "a/p00000_s00005\n")  # cut
+    (folder / "r8.pt").write_bytes(b"")
     files, reread = run.plan_states(tmp_path, finished)
     assert files == ["r1"]
     assert reread == [("a", 0, 2), ("a", 0, 3), ("a", 0, 4), ("a", 0, 5)]

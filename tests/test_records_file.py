@@ -93,16 +93,20 @@ def test_key_digest_is_order_free_additive_and_tells_sets_apart():
 
 
 def test_plan_appends_only_when_records_jsonl_holds_exactly_the_earlier_samples():
+    def texts(keys):
+        return {k: records_file.key_text(k) for k in keys}
+
     base = [("a", 0, s) for s in range(10)]
     fresh = [("a", 0, 10), ("a", 0, 11)]
     synced = records_file.Synced(10, records_file.key_digest(base), "shard0")
-    plan = records_file.plan(synced, base + fresh, fresh)
+    plan = records_file.plan(synced, texts(base + fresh), fresh)
     assert plan.append and plan.fresh == fresh and plan.count == 12
     assert plan.digest == records_file.key_digest(base + fresh)
-    assert not records_file.plan(synced, base[:-1] + fresh, fresh).append       # a finished sample gone
-    assert not records_file.plan(synced, base[:-1] + [("a", 0, 99)], []).append  # same count, other set
-    assert not records_file.plan(None, base, []).append                          # no index
-    assert not records_file.plan(synced, base + fresh, []).append                # unknown extra samples
+    assert records_file.key_text(("a", 3, 7)) == layout.key("a", 3, 7)
+    assert not records_file.plan(synced, texts(base[:-1] + fresh), fresh).append       # a finished sample gone
+    assert not records_file.plan(synced, texts(base[:-1] + [("a", 0, 99)]), []).append  # same count, other set
+    assert not records_file.plan(None, texts(base), []).append                          # no index
+    assert not records_file.plan(synced, texts(base + fresh), []).append                # unknown extra samples
 
 
 def test_read_synced_notices_a_changed_records_jsonl(tmp_path):

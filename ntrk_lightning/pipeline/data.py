@@ -105,17 +105,21 @@ class Requested:
         self._arms = set(self.arms)
 
     def __contains__(self, k: object) -> bool:
-        return (isinstance(k, tuple) and len(k) == 3 and k[0] in self._arms
-                and 0 <= k[1] < self.num_prompts and 0 <= k[2] < self.samples_per_prompt)
+        try:
+            arm, p, s = k  # type: ignore[misc]
+            return arm in self._arms and 0 <= p < self.num_prompts and 0 <= s < self.samples_per_prompt
+        except (TypeError, ValueError):
+            return False
 
     def pending(self, finished: Container[tuple[str, int, int]]) -> list[tuple[int, int, tuple[str, ...]]]:
         """(prompt, sample, arms still to generate) of every requested item not finished in every arm."""
         out = []
+        arms = self.arms
         for p in range(self.num_prompts):
             for s in range(self.samples_per_prompt):
-                todo = tuple(a for a in self.arms if (a, p, s) not in finished)
+                todo = [a for a in arms if (a, p, s) not in finished]
                 if todo:
-                    out.append((p, s, todo))
+                    out.append((p, s, tuple(todo)))
         return out
 
 
@@ -155,15 +159,23 @@ class Resume:
         return Resume(self.pending, self.problems, self.identity, self.state_files, self.reread, self.error)
 
 
-def first_images(scan: layout.FolderScan, finished: Iterable[layout.Key], out: Path,
+def first_images(scan: layout.FolderScan, finished: Container[layout.Key], requested: Requested, out: Path,
                  n: int = GRID_SAMPLES) -> dict[str, list[tuple[int, int, str]]]:
-    """arm -> its ``n`` first finished samples by (prompt, sample), with their image paths."""
-    by_arm: dict[str, list[tuple[int, int]]] = {}
-    for arm, p, s in finished:
-        by_arm.setdefault(arm, []).append((p, s))
+    """arm -> its ``n`` first finished samples by (prompt, sample), with their image paths (walks
+    the request in order: usually only its first samples)."""
     skip = len(f"{out}{os.sep}")
-    return {arm: [(p, s, Path(scan.records[(arm, p, s)][skip:] + ".png").as_posix())
-                  for p, s in heapq.nsmallest(n, keys)] for arm, keys in by_arm.items()}
+    found: dict[str, list[tuple[int, int, str]]] = {}
+    for arm in requested.arms:
+        mine = found.setdefault(arm, [])
+        for p in range(requested.num_prompts):
+            for s in range(requested.samples_per_prompt):
+                if (arm, p, s) in finished:
+                    mine.append((p, s, Path(scan.records[(arm, p, s)][skip:] + ".png").as_posix()))
+                    if len(mine) == n:
+                        break
+            if len(mine) == n:
+                break
+    return found
 
 
 @contextmanager
@@ -274,10 +286,11 @@ class PromptDataModule(pl.LightningDataModule):
                                     since=synced.shards_through if synced else None)
         # failure markers of requested samples that are not finished: generated again now
         layout.remove_files(path for k, path in scan.failed.items() if k in requested and k not in found.sha)
-        state_files, reread = run.plan_states(out, found.sha)
+        texts = {k: records_file.key_text(k) for k in found.sha}  # once, for both plans
+        state_files, reread = run.plan_states(out, found.sha, texts)
         return Resume(requested.pending(found.sha), found.problems, identity, state_files, reread,
-                      records_plan=records_file.plan(synced, list(found.sha), found.fresh),
-                      first_images=first_images(scan, found.sha, out))
+                      records_plan=records_file.plan(synced, texts, found.fresh),
+                      first_images=first_images(scan, found.sha, requested, out))
 
     @property
     def generated_this_run(self) -> int:

@@ -35,10 +35,19 @@ from ntrk_lightning.pipeline import layout
 _MASK = (1 << 64) - 1
 
 
+def key_text(k: layout.Key) -> str:
+    """A sample key as text, ``<arm>/p<prompt:05d>_s<sample:05d>`` (``layout.key``)."""
+    return f"{k[0]}/p{k[1]:05d}_s{k[2]:05d}"
+
+
+def text_hash(text: str) -> int:
+    """A 64-bit hash of a key's text, the same in every process (CRC-32 and Adler-32)."""
+    data = text.encode()
+    return (zlib.crc32(data) << 32) | zlib.adler32(data)
+
+
 def key_hash(k: layout.Key) -> int:
-    """A 64-bit hash of a sample key, the same in every process (CRC-32 and Adler-32 of its text)."""
-    text = f"{k[0]}/p{k[1]:05d}_s{k[2]:05d}".encode()
-    return (zlib.crc32(text) << 32) | zlib.adler32(text)
+    return text_hash(key_text(k))
 
 
 def key_digest(keys: Iterable[layout.Key]) -> int:
@@ -83,11 +92,12 @@ class Plan(NamedTuple):
     finished: list[layout.Key]
 
 
-def plan(synced: Optional[Synced], finished: Sequence[layout.Key], fresh: Sequence[layout.Key]) -> Plan:
-    """Append when ``records.jsonl`` holds exactly the finished samples that are not ``fresh``."""
+def plan(synced: Optional[Synced], finished: dict[layout.Key, str], fresh: Sequence[layout.Key]) -> Plan:
+    """Append when ``records.jsonl`` holds exactly the finished samples that are not ``fresh``
+    (``finished``: every finished key with its :func:`key_text`, computed once by the caller)."""
     fresh_set = set(fresh)
-    base = [k for k in finished if k not in fresh_set]
-    base_digest = key_digest(base)
+    base = [t for k, t in finished.items() if k not in fresh_set]
+    base_digest = sum(map(text_hash, base)) & _MASK
     total = (base_digest + key_digest(fresh_set)) & _MASK
     ok = synced is not None and synced.count == len(base) and synced.digest == base_digest
     return Plan(ok, len(finished), total, sorted(fresh_set) if ok else [],

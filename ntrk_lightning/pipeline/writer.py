@@ -37,7 +37,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from metrics.group import COSTS
 
-from ntrk_lightning.fileio import atomic_write, atomic_write_json
+from ntrk_lightning.fileio import atomic_write, atomic_write_json, atomic_write_text
 from ntrk_lightning.jsonnum import nan_if_none, plain, read_json
 from ntrk_lightning.pipeline import layout, records_file, run
 from ntrk_lightning.pipeline.data import GRID_SAMPLES, Item
@@ -142,9 +142,8 @@ class SampleWriter(BasePredictionWriter):
         stem = run.state_file_stem(self.run_id, rank)
         states = pl_module.metric_states()
         atomic_write(folder / f"{stem}.pt", lambda tmp: torch.save({"arms": states}, tmp))
-        atomic_write_json(folder / f"{stem}.json", {"format": run.STATE_FORMAT,
-                                                    "keys": {r["key"]: r.get("png_sha256") for r in records}},
-                          indent=None)
+        atomic_write_text(folder / f"{stem}{run.STATE_KEYS_SUFFIX}",
+                          run.state_keys_text({r["key"]: r.get("png_sha256") for r in records}))
 
     def _load_states(self, stem: str) -> dict[str, Any]:
         path = self.output_dir / layout.STATES / f"{stem}.pt"
@@ -152,7 +151,7 @@ class SampleWriter(BasePredictionWriter):
             return torch.load(path, map_location="cpu", weights_only=True)["arms"]
         except Exception as e:  # torch raises many types for a damaged file
             raise run.RunFolderError(f"persisted metric states {path} are unreadable ({type(e).__name__}); delete "
-                                     f"{path.with_suffix('.json')} and rerun (its samples are then read back)") from None
+                                     f"{path.with_suffix(run.STATE_KEYS_SUFFIX)} and rerun (its samples are then read back)") from None
 
     def _write_run_files(self, trainer: pl.Trainer, pl_module: Any, summary: dict[str, Any]) -> Optional[str]:
         """Rank 0: records.jsonl, failed.jsonl, metrics.json and the report; returns the one-line
