@@ -49,24 +49,26 @@ def install(point: str) -> None:
 
         layout.atomic_write_bytes = write_png
     elif kind == "records":
-        orig_records = layout.write_records_jsonl
+        from ntrk_lightning.pipeline import writer
 
-        def records_then_die(out, recs):
-            orig_records(out, recs)
+        orig_records = writer.update_records_jsonl
+
+        def records_then_die(*args, **kw):  # written (appended or rewritten), with its index
+            orig_records(*args, **kw)
             _die()
 
-        layout.write_records_jsonl = records_then_die
+        writer.update_records_jsonl = records_then_die
     elif kind == "states":
         from ntrk_lightning.pipeline import writer
 
-        orig_json = writer.atomic_write_json
+        orig_text = writer.atomic_write_text
 
-        def json_or_die(path, obj, **kw):
+        def key_list_or_die(path, text, **kw):
             if Path(path).parent.name == layout.STATES:
                 _die()
-            return orig_json(path, obj, **kw)
+            return orig_text(path, text, **kw)
 
-        writer.atomic_write_json = json_or_die
+        writer.atomic_write_text = key_list_or_die
     elif kind == "identity":
         orig_identity = run.check_identity
 
