@@ -186,10 +186,11 @@ def _run_folder_scale_lines() -> list[str]:
     full = [r for r in rows if r["per_sample_files"]]
     big = full[-1] if full else rows[-1]
     ends = ", ".join(f"{r['end_of_run_s']:.2f} s at {r['finished']:,}" for r in rows)
-    return [f"**Run folder scale** ({rf['machine']}): resuming a run whose folder holds {big['finished']:,} finished "
-            f"samples costs {big['resume_us_per_sample']:.1f} µs per sample ({big['resume_cpu_us_per_sample']:.1f} µs "
-            f"CPU; target {rf['target_resume_us_per_sample']:g}), against {big['full_check_us_per_sample']:.0f} µs "
-            f"for the full check of a sample; the end of a run that generated {rows[0]['new_samples']} new samples takes "
+    resumes = ", ".join(f"{r['resume_us_per_sample']:.1f} µs at {r['finished']:,}" for r in full)
+    return [f"**Run folder scale** ({rf['machine']}; resume timed in a new process, as a rerun starts): resuming "
+            f"a run costs, per finished sample, {resumes} finished samples (target "
+            f"{rf['target_resume_us_per_sample']:g} µs), against {big['full_check_us_per_sample']:.0f} µs for the full "
+            f"check of a sample; the end of a run that generated {rows[0]['new_samples']} new samples takes "
             f"{ends} finished before (before metric states were persisted it re-read every finished image: "
             f"{big.get('old_end_of_run_s', 0):.0f} s at {big['finished']:,}; "
             "[details](benchmarks/results/run_folder_scale.md)).", ""]
