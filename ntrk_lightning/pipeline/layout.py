@@ -319,10 +319,13 @@ class IndexEntry(NamedTuple):
     source: str
 
 
-# a shard line as write_sample writes it: build_record's fields in order, json.dumps defaults
-_LINE_HEAD = re.compile(r'\{"arm": "([A-Za-z0-9_.-]+)", "key": "([A-Za-z0-9_.-]+)/p(\d{5,})_s(\d{5,})", '
-                        r'"prompt_index": (\d+), "prompt": ')
-_LINE_AFTER_PROMPT = re.compile(r', "sample_index": (\d+), "seed": \d+, "image": "([^"\\]*)", ')
+# the head and the tail of a shard line as write_sample writes it, each found over a whole shard
+# file in one pass (both start with a literal, which the regular-expression engine searches for
+# at C speed); head groups: arm, prompt, sample (as in the key), prompt_index, prompt (JSON),
+# sample_index, image; tail groups: png_sha256, signature
+_HEAD = re.compile(r'\{"arm": "([A-Za-z0-9_.-]+)", "key": "\1/p(\d{5,})_s(\d{5,})", "prompt_index": (\d+), '
+                   r'"prompt": ("(?:[^"\\\n]|\\.)*"), "sample_index": (\d+), "seed": \d+, "image": "([^"\\\n]*)", ')
+_TAIL = re.compile(r'"png_sha256": "([0-9a-f]{64})", "files": \[(\d+, \d+, \d+, \d+)\]\}(?:\n|$)')
 _SHA_FIELD = '"png_sha256": "'
 _SHA_LEN = 64
 
@@ -333,26 +336,24 @@ def _entry(*fields: Any) -> IndexEntry:
 
 def _index_fast(line: str, source: str, prompt_json: Sequence[str]) -> Optional[tuple[Key, IndexEntry]]:
     """The index entry of a shard line in the form :func:`write_sample` writes (a record built by
-    :func:`build_record`, ``json.dumps`` defaults, the signature last), read with two anchored
-    regular expressions and string slicing; ``None`` for any other form (decoded as JSON then).
+    :func:`build_record`, ``json.dumps`` defaults, the signature last), read with the head
+    expression :func:`_index_bulk` uses and string slicing (a tail without a checksum is
+    allowed here); ``None`` for any other form (decoded as JSON then).
     Sound because a JSON string escapes every ``"`` it holds: the field separators matched (a bare
     quote after a comma or a space) cannot occur inside a value."""
-    m = _LINE_HEAD.match(line)
-    if m is None or m[1] != m[2] or not line.endswith("]}"):
+    m = _HEAD.match(line)
+    if m is None or not line.endswith("]}"):
         return None
-    p, s = int(m[3]), int(m[4])
-    k = (m[1], p, s)
-    at = m.end()
-    # the requested prompt, byte for byte as json.dumps writes it, then the rest of the head
-    if p >= len(prompt_json) or int(m[5]) != p or not line.startswith(prompt_json[p], at):
-        return k, _entry(None, None, None, False, source)
-    rest = _LINE_AFTER_PROMPT.match(line, at + len(prompt_json[p]))
+    arm, p_text, s_text, pi, prompt, si, image = m.groups()
+    p, s = int(p_text), int(s_text)
+    k = (arm, p, s)
     j = line.rfind(_SIGNATURE_SEP)
-    if rest is None or int(rest[1]) != s or j < 0:
+    # the requested prompt, byte for byte as json.dumps writes it, and the key's own indices
+    if p >= len(prompt_json) or int(pi) != p or int(si) != s or prompt != prompt_json[p] or j < 0:
         return k, _entry(None, None, None, False, source)
     sha_at = j - 1 - _SHA_LEN
     sha = line[sha_at:j - 1] if line[j - 1] == '"' and line.startswith(_SHA_FIELD, sha_at - len(_SHA_FIELD)) else None
-    return k, _entry(line[j + len(_SIGNATURE_SEP):-2], sha, rest[2], True, source)
+    return k, _entry(line[j + len(_SIGNATURE_SEP):-2], sha, image, True, source)
 
 
 def _index_decoded(line: str, source: str, prompts: Sequence[str]) -> Optional[tuple[Key, IndexEntry]]:
@@ -373,15 +374,6 @@ def _index_decoded(line: str, source: str, prompts: Sequence[str]) -> Optional[t
     sha, image = rec.get("png_sha256"), rec.get("image")
     return (arm, p, s), IndexEntry(signature, sha if isinstance(sha, str) else None,
                                    image if isinstance(image, str) else None, consistent, source)
-
-
-# the head and the tail of a shard line as write_sample writes it, each found over a whole shard
-# file in one pass (both start with a literal, which the regular-expression engine searches for
-# at C speed); head groups: arm, prompt, sample (as in the key), prompt_index, prompt (JSON),
-# sample_index, image; tail groups: png_sha256, signature
-_HEAD = re.compile(r'\{"arm": "([A-Za-z0-9_.-]+)", "key": "\1/p(\d{5,})_s(\d{5,})", "prompt_index": (\d+), '
-                   r'"prompt": ("(?:[^"\\\n]|\\.)*"), "sample_index": (\d+), "seed": \d+, "image": "([^"\\\n]*)", ')
-_TAIL = re.compile(r'"png_sha256": "([0-9a-f]{64})", "files": \[(\d+, \d+, \d+, \d+)\]\}(?:\n|$)')
 
 
 def _index_bulk(text: str, source: str, prompt_json: Sequence[str], index: dict[Key, IndexEntry]) -> bool:
